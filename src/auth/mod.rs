@@ -1,0 +1,313 @@
+//! Who gets in: trusted CAs, the verdict on a certificate, and the reasons for a refusal.
+
+pub mod cert;
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use ssh_key::public::KeyData;
+use ssh_key::{HashAlg, PublicKey};
+
+pub use cert::verify;
+
+/// Longest bench name accepted as an SSH user name.
+pub const MAX_BENCH_NAME_BYTES: usize = 128;
+
+/// Whether `name` is a bench name: `[A-Za-z0-9][A-Za-z0-9._-]{0,127}`.
+pub fn is_bench_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    match bytes.first() {
+        Some(first) if first.is_ascii_alphanumeric() => {}
+        _ => return false,
+    }
+    bytes.len() <= MAX_BENCH_NAME_BYTES
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// One reason to refuse a login. Variants mirror the checks OpenSSH's sshd makes for
+/// `TrustedUserCAKeys`, plus benchgate's stricter ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    /// The SSH user name is not a valid bench name.
+    InvalidUser,
+    /// A plain public key was offered; only certificates are accepted.
+    NotCertificate,
+    /// The certificate is signed by a key that is not a configured CA.
+    UntrustedCa,
+    /// The CA signature does not verify.
+    BadSignature,
+    /// The CA signed with SHA-1 `ssh-rsa`.
+    Sha1Signature,
+    /// A host certificate was offered as a user certificate.
+    NotUserCertificate,
+    /// `now < valid_after`.
+    NotYetValid,
+    /// `now >= valid_before`.
+    Expired,
+    /// Rejected by the SSH library before benchgate saw it: outside its validity window.
+    /// The library does not say which edge; `benchgate explain` does.
+    OutsideValidity,
+    /// `valid_before - valid_after` exceeds `auth.max_cert_lifetime`.
+    LifetimeTooLong,
+    /// The certificate names no principal (OpenSSH would read that as "anyone").
+    NoPrincipals,
+    /// No principal equals the bench name.
+    PrincipalMismatch,
+    /// A critical option benchgate does not enforce.
+    UnknownCriticalOption(String),
+    /// The `source-address` option does not parse.
+    BadSourceAddress,
+    /// The client address is outside the `source-address` option.
+    SourceAddressMismatch,
+}
+
+impl Rejection {
+    /// The bounded metric and audit label of this reason.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::InvalidUser => "invalid_user",
+            Self::NotCertificate => "not_certificate",
+            Self::UntrustedCa => "untrusted_ca",
+            Self::BadSignature => "bad_signature",
+            Self::Sha1Signature => "sha1_signature",
+            Self::NotUserCertificate => "not_user_certificate",
+            Self::NotYetValid => "not_yet_valid",
+            Self::Expired => "expired",
+            Self::OutsideValidity => "outside_validity",
+            Self::LifetimeTooLong => "lifetime_too_long",
+            Self::NoPrincipals => "no_principals",
+            Self::PrincipalMismatch => "principal_mismatch",
+            Self::UnknownCriticalOption(_) => "unknown_critical_option",
+            Self::BadSourceAddress => "bad_source_address",
+            Self::SourceAddressMismatch => "source_address_mismatch",
+        }
+    }
+
+    /// Every label, so metrics can start at zero for each.
+    pub const LABELS: [&'static str; 15] = [
+        "invalid_user",
+        "not_certificate",
+        "untrusted_ca",
+        "bad_signature",
+        "sha1_signature",
+        "not_user_certificate",
+        "not_yet_valid",
+        "expired",
+        "outside_validity",
+        "lifetime_too_long",
+        "no_principals",
+        "principal_mismatch",
+        "unknown_critical_option",
+        "bad_source_address",
+        "source_address_mismatch",
+    ];
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::InvalidUser => f.write_str("the user name is not a valid bench name"),
+            Self::NotCertificate => f.write_str("a plain key was offered, not a certificate"),
+            Self::UntrustedCa => f.write_str("the certificate is not signed by a trusted CA"),
+            Self::BadSignature => f.write_str("the CA signature on the certificate is invalid"),
+            Self::Sha1Signature => f.write_str("the CA signed with SHA-1 (ssh-rsa)"),
+            Self::NotUserCertificate => f.write_str("it is a host certificate, not a user one"),
+            Self::NotYetValid => f.write_str("the certificate is not valid yet"),
+            Self::Expired => f.write_str("the certificate has expired"),
+            Self::OutsideValidity => f.write_str("the certificate is expired or not yet valid"),
+            Self::LifetimeTooLong => f.write_str("the certificate's lifetime exceeds the limit"),
+            Self::NoPrincipals => f.write_str("the certificate names no principal"),
+            Self::PrincipalMismatch => f.write_str("no principal of the certificate names the bench"),
+            Self::UnknownCriticalOption(name) => {
+                write!(f, "unsupported critical option {}", bounded(name))
+            }
+            Self::BadSourceAddress => f.write_str("the source-address option is malformed"),
+            Self::SourceAddressMismatch => {
+                f.write_str("the client address is not allowed by source-address")
+            }
+        }
+    }
+}
+
+/// What a verified certificate allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The bench the session is for.
+    pub bench: String,
+    /// The certificate's key ID (untrusted text: escape before display).
+    pub key_id: String,
+    /// The certificate's serial.
+    pub serial: u64,
+    /// SHA256 fingerprint of the CA key that signed it.
+    pub ca: String,
+    /// Unix seconds at which the certificate stops being valid.
+    pub valid_before: u64,
+    /// The `force-command` critical option, which replaces whatever the client asks to run.
+    pub force_command: Option<String>,
+    /// Whether the certificate carries the `permit-pty` extension.
+    pub permit_pty: bool,
+}
+
+/// The facts about a login attempt that are not in the certificate.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt<'a> {
+    /// The bench named by the SSH user name.
+    pub bench: &'a str,
+    /// The real client address.
+    pub peer: IpAddr,
+    /// Unix seconds now.
+    pub now: u64,
+}
+
+/// A CA key users' certificates may be signed by.
+#[derive(Debug, Clone)]
+pub struct TrustedCa {
+    /// The CA's public key.
+    pub key: KeyData,
+    /// Its SHA256 fingerprint, as in audit events.
+    pub fingerprint: String,
+}
+
+/// The set of trusted user CAs and the policy limits that apply to their certificates.
+#[derive(Debug, Clone, Default)]
+pub struct Trust {
+    /// Trusted CA keys.
+    pub cas: Vec<TrustedCa>,
+    /// Longest accepted validity span in seconds; `None` = no limit.
+    pub max_lifetime_seconds: Option<u64>,
+}
+
+/// Why a CA key file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    /// The file cannot be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A line is not an OpenSSH public key.
+    #[error("{path}:{line}: not an OpenSSH public key: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// The cause.
+        source: ssh_key::Error,
+    },
+    /// None of the files holds a key.
+    #[error("no CA key found in {0}")]
+    Empty(String),
+}
+
+impl Trust {
+    /// A trust set holding exactly `keys`.
+    pub fn new(keys: impl IntoIterator<Item = KeyData>, max_lifetime_seconds: Option<u64>) -> Self {
+        let cas = keys
+            .into_iter()
+            .map(|key| TrustedCa {
+                fingerprint: key.fingerprint(HashAlg::Sha256).to_string(),
+                key,
+            })
+            .collect();
+        Self {
+            cas,
+            max_lifetime_seconds,
+        }
+    }
+
+    /// Loads CA public keys from files of OpenSSH public key lines (`#` comments allowed).
+    pub fn load(paths: &[PathBuf], max_lifetime_seconds: Option<u64>) -> Result<Self, TrustError> {
+        let mut keys = Vec::new();
+        for path in paths {
+            keys.extend(read_public_keys(path)?);
+        }
+        if keys.is_empty() {
+            let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+            return Err(TrustError::Empty(names.join(", ")));
+        }
+        Ok(Self::new(keys, max_lifetime_seconds))
+    }
+
+    /// The trusted CA whose key is exactly `key`.
+    pub fn ca(&self, key: &KeyData) -> Option<&TrustedCa> {
+        self.cas.iter().find(|ca| &ca.key == key)
+    }
+}
+
+fn read_public_keys(path: &Path) -> Result<Vec<KeyData>, TrustError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TrustError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut keys = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let key = PublicKey::from_openssh(line).map_err(|source| TrustError::Parse {
+            path: path.to_owned(),
+            line: index + 1,
+            source,
+        })?;
+        keys.push(key.key_data().clone());
+    }
+    Ok(keys)
+}
+
+/// Longest untrusted string (key ID, user name) put in a log line or audit event.
+pub const MAX_UNTRUSTED_CHARS: usize = 256;
+
+/// `text` with control characters escaped and cut to [`MAX_UNTRUSTED_CHARS`], for logs.
+pub fn bounded(text: &str) -> String {
+    let mut out = String::new();
+    for (count, c) in text.chars().enumerate() {
+        if count == MAX_UNTRUSTED_CHARS {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_names_follow_the_pattern() {
+        for good in ["a", "site1", "A.b_c-d", &"x".repeat(128)] {
+            assert!(is_bench_name(good), "{good}");
+        }
+        for bad in ["", ".x", "-x", "_x", "a/b", "a b", "a\0", "é", &"x".repeat(129), "a:b"] {
+            assert!(!is_bench_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn untrusted_text_is_escaped_and_bounded() {
+        assert_eq!(bounded("a\nb\u{1b}"), "a\\nb\\u{1b}");
+        let long = bounded(&"y".repeat(1000));
+        assert_eq!(long.chars().count(), MAX_UNTRUSTED_CHARS + 1);
+    }
+
+    #[test]
+    fn labels_cover_every_variant_once() {
+        let mut labels = Rejection::LABELS.to_vec();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels.len(), Rejection::LABELS.len());
+    }
+}

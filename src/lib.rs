@@ -1,0 +1,3 @@
+//! benchgate: an SSH bastion that admits OpenSSH user certificates into Docker bench containers.
+
+pub mod auth;
