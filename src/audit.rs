@@ -1,0 +1,184 @@
+//! Audit events: one JSON object per line, to their own file or to the main log.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::auth::bounded;
+
+/// The kinds of audit event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Kind {
+    /// A certificate was accepted.
+    #[serde(rename = "auth.accepted")]
+    AuthAccepted,
+    /// A login attempt was refused.
+    #[serde(rename = "auth.rejected")]
+    AuthRejected,
+    /// A request inside a connection was refused.
+    #[serde(rename = "request.refused")]
+    RequestRefused,
+    /// A connection ended.
+    #[serde(rename = "connection.closed")]
+    ConnectionClosed,
+}
+
+/// One audit event; absent fields are left out of the line.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    ts: String,
+    event: Kind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bench: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    serial: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration_ms: Option<u64>,
+}
+
+impl Event {
+    /// A new event of `kind` from `peer`, stamped now.
+    pub fn new(kind: Kind, peer: SocketAddr) -> Self {
+        Self {
+            ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            event: kind,
+            peer: Some(peer),
+            bench: None,
+            key_id: None,
+            serial: None,
+            ca: None,
+            reason: None,
+            request: None,
+            duration_ms: None,
+        }
+    }
+
+    /// The bench (the SSH user name, untrusted until accepted).
+    pub fn bench(mut self, bench: &str) -> Self {
+        self.bench = Some(bounded(bench));
+        self
+    }
+
+    /// The certificate's identity: key ID (untrusted), serial and CA fingerprint.
+    pub fn certificate(mut self, key_id: &str, serial: u64, ca: String) -> Self {
+        self.key_id = Some(bounded(key_id));
+        self.serial = Some(serial);
+        self.ca = Some(ca);
+        self
+    }
+
+    /// Why it happened.
+    pub fn reason(mut self, reason: impl Into<String>) -> Self {
+        self.reason = Some(bounded(&reason.into()));
+        self
+    }
+
+    /// The refused request.
+    pub fn request(mut self, request: &str) -> Self {
+        self.request = Some(bounded(request));
+        self
+    }
+
+    /// How long the connection or session lasted.
+    pub fn duration_ms(mut self, ms: u64) -> Self {
+        self.duration_ms = Some(ms);
+        self
+    }
+
+    /// The event as one JSON line, without the newline.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Where audit events go.
+#[derive(Debug)]
+pub enum Audit {
+    /// Into the main log, as `audit` events.
+    Log,
+    /// Appended to a file, one `write` per line, so a crash loses no completed line.
+    File(Mutex<File>),
+}
+
+impl Audit {
+    /// Audit into `path` (created with mode 0600 if missing), or the main log when `None`.
+    pub fn open(path: Option<&Path>) -> std::io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        match path {
+            None => Ok(Self::Log),
+            Some(path) => {
+                let file = OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+                Ok(Self::File(Mutex::new(file)))
+            }
+        }
+    }
+
+    /// Records `event`.
+    pub fn record(&self, event: &Event) {
+        let line = event.to_json();
+        match self {
+            Self::Log => tracing::info!(target: "audit", "{line}"),
+            Self::File(file) => {
+                let mut bytes = line.into_bytes();
+                bytes.push(b'\n');
+                let result = match file.lock() {
+                    Ok(mut file) => file.write_all(&bytes),
+                    Err(poisoned) => poisoned.into_inner().write_all(&bytes),
+                };
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "cannot write audit event");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_single_json_lines_with_bounded_fields() {
+        let peer: SocketAddr = "127.0.0.1:5000".parse().expect("addr");
+        let event = Event::new(Kind::AuthRejected, peer)
+            .bench("shop\nx")
+            .certificate(&"k".repeat(5000), 7, "SHA256:abc".into())
+            .reason("expired");
+        let line = event.to_json();
+        assert!(!line.contains('\n'));
+        let value: serde_json::Value = serde_json::from_str(&line).expect("json");
+        assert_eq!(value["event"], "auth.rejected");
+        assert_eq!(value["peer"], "127.0.0.1:5000");
+        assert_eq!(value["bench"], "shop\\nx");
+        assert_eq!(value["serial"], 7);
+        assert!(value["key_id"].as_str().expect("key id").chars().count() <= 257);
+        assert!(value.get("container").is_none());
+    }
+
+    #[test]
+    fn file_sink_appends_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.log");
+        let audit = Audit::open(Some(&path)).expect("open");
+        let peer: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        audit.record(&Event::new(Kind::ConnectionClosed, peer));
+        audit.record(&Event::new(Kind::AuthAccepted, peer));
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text.lines().count(), 2);
+    }
+}

@@ -1,0 +1,348 @@
+//! The TOML configuration: schema, defaults, typed values and errors that name file and line.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Where `serve` and `check-config` look when no `--config` is given.
+pub const DEFAULT_PATH: &str = "/etc/benchgate/benchgate.toml";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[server]`: listeners, host keys and connection limits.
+    pub server: Server,
+    /// `[auth]`: certificate trust and policy.
+    pub auth: Auth,
+    /// `[metrics]`: the Prometheus endpoint.
+    pub metrics: Metrics,
+    /// `[log]`: log format and audit trail.
+    pub log: Log,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    /// Addresses to accept SSH connections on.
+    pub listen: NonEmpty<SocketAddr>,
+    /// Host private keys; a missing one is created (ed25519, mode 0600).
+    pub host_keys: NonEmpty<PathBuf>,
+    /// The whole pre-authentication phase, banner included.
+    pub login_grace_time: Span,
+    /// Failed authentication attempts before the connection is closed.
+    pub max_auth_tries: NonZeroU32,
+    /// Unauthenticated connections at once.
+    pub max_startups: NonZeroU32,
+    /// Unauthenticated connections at once from one source address.
+    pub max_startups_per_source: NonZeroU32,
+    /// Connections at once, authenticated or not.
+    pub max_connections: NonZeroU32,
+    /// Channels one connection may have open at once.
+    pub max_sessions_per_connection: NonZeroU32,
+    /// Interval of SSH keepalives to a silent client; 0 = off.
+    pub keepalive_interval: Span,
+    /// End sessions with no traffic either way for this long; 0 = off.
+    pub idle_timeout: Span,
+    /// How long shutdown waits for sessions to finish.
+    pub shutdown_grace: Span,
+    /// Expect PROXY protocol headers from a load balancer.
+    pub proxy_protocol: bool,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self {
+            listen: NonEmpty(vec![SocketAddr::from(([0, 0, 0, 0], 2222))]),
+            host_keys: NonEmpty(vec![PathBuf::from(
+                "/var/lib/benchgate/ssh_host_ed25519_key",
+            )]),
+            login_grace_time: Span::secs(20),
+            max_auth_tries: nonzero(6),
+            max_startups: nonzero(64),
+            max_startups_per_source: nonzero(8),
+            max_connections: nonzero(10_000),
+            max_sessions_per_connection: nonzero(10),
+            keepalive_interval: Span::secs(30),
+            idle_timeout: Span::secs(0),
+            shutdown_grace: Span::secs(30),
+            proxy_protocol: false,
+        }
+    }
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    /// Files of OpenSSH public keys of the CAs whose user certificates are accepted.
+    pub trusted_user_ca_keys: NonEmpty<PathBuf>,
+    /// Longest accepted certificate validity span; 0 = no limit.
+    pub max_cert_lifetime: Span,
+    /// End the connection when its certificate expires.
+    pub disconnect_on_expiry: bool,
+    /// Lead times before expiry at which open sessions are warned.
+    pub expiry_warnings: Vec<Span>,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Self {
+            trusted_user_ca_keys: NonEmpty(vec![PathBuf::from("/etc/benchgate/user_ca.pub")]),
+            max_cert_lifetime: Span::secs(0),
+            disconnect_on_expiry: true,
+            expiry_warnings: vec![Span::secs(600), Span::secs(60)],
+        }
+    }
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// Address of the `/metrics` and `/health` endpoint; "" = off.
+    pub listen: Optional<SocketAddr>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            listen: Optional(Some(SocketAddr::from(([127, 0, 0, 1], 9102)))),
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// Main log format.
+    pub format: LogFormat,
+    /// File for JSON-lines audit events; "" = the main log.
+    pub audit_file: Optional<PathBuf>,
+}
+
+/// Main log format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A duration written like "20s", "6h" or "1h 30m".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Span(pub Duration);
+
+impl Span {
+    const fn secs(secs: u64) -> Self {
+        Self(Duration::from_secs(secs))
+    }
+
+    /// `None` for zero, which means "off" or "no limit" in this file.
+    pub fn nonzero(self) -> Option<Duration> {
+        (!self.0.is_zero()).then_some(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Span {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text)
+            .map(Span)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+    }
+}
+
+impl Serialize for Span {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+/// A list that must hold at least one item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NonEmpty<T>(pub Vec<T>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for NonEmpty<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let items = Vec::<T>::deserialize(deserializer)?;
+        if items.is_empty() {
+            return Err(serde::de::Error::custom("must list at least one item"));
+        }
+        Ok(Self(items))
+    }
+}
+
+/// A value where the empty string means "none".
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Optional<T>(pub Option<T>);
+
+impl<'de, T: FromStr> Deserialize<'de> for Optional<T>
+where
+    T::Err: fmt::Display,
+{
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if text.is_empty() {
+            return Ok(Self(None));
+        }
+        text.parse()
+            .map(|value| Self(Some(value)))
+            .map_err(|e| serde::de::Error::custom(format!("invalid value {text:?}: {e}")))
+    }
+}
+
+impl<T: Serialize> Serialize for Optional<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match &self.0 {
+            Some(value) => value.serialize(serializer),
+            None => serializer.serialize_str(""),
+        }
+    }
+}
+
+fn nonzero(n: u32) -> NonZeroU32 {
+    NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)
+}
+
+/// A configuration problem, located in its file.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct Error {
+    /// The file.
+    pub path: PathBuf,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// What is wrong, naming the key.
+    pub message: String,
+}
+
+impl Error {
+    /// An error about `path` at the line where `needle` first appears in `text`.
+    pub fn at(path: &Path, text: &str, needle: &str, message: impl Into<String>) -> Self {
+        let line = text.lines().position(|l| l.contains(needle)).map(|i| i + 1);
+        Self {
+            path: path.to_owned(),
+            line,
+            message: message.into(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses `text`, read from `path`, and checks what the types cannot.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, Error> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|span| 1 + text.as_bytes()[..span.start.min(text.len())].iter().filter(|&&b| b == b'\n').count());
+            let snippet = line
+                .and_then(|l| text.lines().nth(l - 1))
+                .map(|l| format!(" (in `{}`)", l.trim()))
+                .unwrap_or_default();
+            Error {
+                path: path.to_owned(),
+                line,
+                message: format!("{}{snippet}", e.message()),
+            }
+        })?;
+        if config.server.proxy_protocol {
+            return Err(Error::at(
+                path,
+                text,
+                "proxy_protocol",
+                "server.proxy_protocol: PROXY protocol is not supported by this version; \
+                 set it to false",
+            ));
+        }
+        Ok(config)
+    }
+
+    /// Reads and parses the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error {
+            path: path.to_owned(),
+            line: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// The configuration as TOML, defaults filled in.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, Error> {
+        Config::parse(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn empty_file_gives_the_documented_defaults() {
+        let config = parse("").expect("defaults");
+        assert_eq!(config.server.login_grace_time.0, Duration::from_secs(20));
+        assert_eq!(config.server.max_startups_per_source.get(), 8);
+        assert_eq!(config.auth.expiry_warnings, [Span::secs(600), Span::secs(60)]);
+        assert_eq!(config.metrics.listen.0, Some("127.0.0.1:9102".parse().expect("addr")));
+        assert_eq!(config.log.audit_file.0, None);
+    }
+
+    #[test]
+    fn durations_and_empty_strings_parse() {
+        let config = parse(
+            "[server]\nlogin_grace_time = \"1m 30s\"\n[metrics]\nlisten = \"\"\n[log]\naudit_file = \"/a\"\n",
+        )
+        .expect("parse");
+        assert_eq!(config.server.login_grace_time.0, Duration::from_secs(90));
+        assert_eq!(config.metrics.listen.0, None);
+        assert_eq!(config.log.audit_file.0, Some(PathBuf::from("/a")));
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let err = parse("[server]\nmax_startups = 3\nbogus = 1\n").expect_err("unknown key");
+        assert_eq!(err.line, Some(3));
+        let text = err.to_string();
+        assert!(text.starts_with("test.toml:3: "), "{text}");
+        assert!(text.contains("bogus"), "{text}");
+    }
+
+    #[test]
+    fn bad_values_are_located() {
+        for (text, line) in [
+            ("[server]\n\nlogin_grace_time = \"soon\"\n", 3),
+            ("[server]\nmax_auth_tries = 0\n", 2),
+            ("[server]\nlisten = []\n", 2),
+            ("[server]\nlisten = [\"nowhere\"]\n", 2),
+            ("[log]\nformat = \"xml\"\n", 2),
+            ("[auth]\nrevoked_keys = \"/x\"\n", 2),
+            ("[server]\nproxy_protocol = true\n", 2),
+        ] {
+            let err = parse(text).expect_err(text);
+            assert_eq!(err.line, Some(line), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn effective_config_round_trips() {
+        let config = parse("[server]\nidle_timeout = \"90s\"\n").expect("parse");
+        let again = parse(&config.to_toml()).expect("reparse");
+        assert_eq!(again.server.idle_timeout.0, Duration::from_secs(90));
+        assert_eq!(again.metrics.listen, config.metrics.listen);
+    }
+}

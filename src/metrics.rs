@@ -1,0 +1,135 @@
+//! Metric names, help texts and the typed helpers that record them.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::PrometheusBuilder;
+
+use crate::auth::Rejection;
+
+/// Connections by how they ended or why they were turned away.
+pub const CONNECTIONS_TOTAL: &str = "benchgate_connections_total";
+/// Connections open now.
+pub const CONNECTIONS_ACTIVE: &str = "benchgate_connections_active";
+/// Authentication decisions.
+pub const AUTH_TOTAL: &str = "benchgate_auth_total";
+/// Requests refused by policy.
+pub const REFUSED_REQUESTS_TOTAL: &str = "benchgate_refused_requests_total";
+/// Connections the server ended.
+pub const DISCONNECTS_TOTAL: &str = "benchgate_disconnects_total";
+/// Time from accept to successful authentication.
+pub const HANDSHAKE_SECONDS: &str = "benchgate_handshake_seconds";
+/// Seconds left on certificates at login.
+pub const CERT_REMAINING_SECONDS: &str = "benchgate_cert_remaining_seconds";
+
+/// How a connection ended, or why it was turned away: the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It authenticated.
+    Authenticated,
+    /// It closed without authenticating.
+    Unauthenticated,
+    /// `login_grace_time` ran out before authentication.
+    LoginTimeout,
+    /// Turned away: `max_connections`.
+    MaxConnections,
+    /// Turned away: `max_startups`.
+    MaxStartups,
+    /// Turned away: `max_startups_per_source`.
+    MaxStartupsPerSource,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 6] = [
+        Self::Authenticated,
+        Self::Unauthenticated,
+        Self::LoginTimeout,
+        Self::MaxConnections,
+        Self::MaxStartups,
+        Self::MaxStartupsPerSource,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Authenticated => "authenticated",
+            Self::Unauthenticated => "unauthenticated",
+            Self::LoginTimeout => "login_timeout",
+            Self::MaxConnections => "max_connections",
+            Self::MaxStartups => "max_startups",
+            Self::MaxStartupsPerSource => "max_startups_per_source",
+        }
+    }
+}
+
+/// Installs the Prometheus recorder, serving `/metrics` on `listen`, and describes every
+/// metric with its label values at zero.
+pub fn install(listen: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
+    PrometheusBuilder::new().with_http_listener(listen).install()?;
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    describe_counter!(CONNECTIONS_TOTAL, "SSH connections by outcome");
+    describe_gauge!(CONNECTIONS_ACTIVE, "SSH connections open now");
+    describe_counter!(AUTH_TOTAL, "Authentication decisions by result and reason");
+    describe_counter!(REFUSED_REQUESTS_TOTAL, "Requests refused by policy, by request");
+    describe_counter!(DISCONNECTS_TOTAL, "Connections ended by the server, by reason");
+    describe_histogram!(HANDSHAKE_SECONDS, "Seconds from accept to authentication");
+    describe_histogram!(CERT_REMAINING_SECONDS, "Certificate validity left at login");
+    for outcome in Outcome::ALL {
+        counter!(CONNECTIONS_TOTAL, "outcome" => outcome.label()).absolute(0);
+    }
+    gauge!(CONNECTIONS_ACTIVE).set(0.0);
+    counter!(AUTH_TOTAL, "result" => "accepted", "reason" => "ok").absolute(0);
+    for reason in Rejection::LABELS {
+        counter!(AUTH_TOTAL, "result" => "rejected", "reason" => reason).absolute(0);
+    }
+}
+
+/// A connection ended or was turned away.
+pub fn connection(outcome: Outcome) {
+    counter!(CONNECTIONS_TOTAL, "outcome" => outcome.label()).increment(1);
+}
+
+/// Tracks one open connection in [`CONNECTIONS_ACTIVE`] until dropped.
+#[derive(Debug)]
+pub struct ActiveConnection(());
+
+impl ActiveConnection {
+    /// Counts a connection as open.
+    pub fn open() -> Self {
+        gauge!(CONNECTIONS_ACTIVE).increment(1.0);
+        Self(())
+    }
+}
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        gauge!(CONNECTIONS_ACTIVE).decrement(1.0);
+    }
+}
+
+/// A certificate was accepted `handshake` after accept, with `remaining` validity.
+pub fn auth_accepted(handshake: Duration, remaining_seconds: u64) {
+    counter!(AUTH_TOTAL, "result" => "accepted", "reason" => "ok").increment(1);
+    histogram!(HANDSHAKE_SECONDS).record(handshake.as_secs_f64());
+    histogram!(CERT_REMAINING_SECONDS).record(remaining_seconds as f64);
+}
+
+/// A login attempt was refused.
+pub fn auth_rejected(reason: &Rejection) {
+    counter!(AUTH_TOTAL, "result" => "rejected", "reason" => reason.label()).increment(1);
+}
+
+/// A request was refused by policy.
+pub fn refused(request: &'static str) {
+    counter!(REFUSED_REQUESTS_TOTAL, "request" => request).increment(1);
+}
+
+/// The server ended a connection.
+pub fn disconnect(reason: &'static str) {
+    counter!(DISCONNECTS_TOTAL, "reason" => reason).increment(1);
+}
