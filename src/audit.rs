@@ -122,7 +122,11 @@ impl Audit {
         match path {
             None => Ok(Self::Log),
             Some(path) => {
-                let file = OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+                let file = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .mode(0o600)
+                    .open(path)?;
                 Ok(Self::File(Mutex::new(file)))
             }
         }

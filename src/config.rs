@@ -243,9 +243,12 @@ impl Config {
     /// Parses `text`, read from `path`, and checks what the types cannot.
     pub fn parse(path: &Path, text: &str) -> Result<Self, Error> {
         let config: Config = toml::from_str(text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|span| 1 + text.as_bytes()[..span.start.min(text.len())].iter().filter(|&&b| b == b'\n').count());
+            let line = e.span().map(|span| {
+                1 + text.as_bytes()[..span.start.min(text.len())]
+                    .iter()
+                    .filter(|&&b| b == b'\n')
+                    .count()
+            });
             let snippet = line
                 .and_then(|l| text.lines().nth(l - 1))
                 .map(|l| format!(" (in `{}`)", l.trim()))
@@ -297,8 +300,14 @@ mod tests {
         let config = parse("").expect("defaults");
         assert_eq!(config.server.login_grace_time.0, Duration::from_secs(20));
         assert_eq!(config.server.max_startups_per_source.get(), 8);
-        assert_eq!(config.auth.expiry_warnings, [Span::secs(600), Span::secs(60)]);
-        assert_eq!(config.metrics.listen.0, Some("127.0.0.1:9102".parse().expect("addr")));
+        assert_eq!(
+            config.auth.expiry_warnings,
+            [Span::secs(600), Span::secs(60)]
+        );
+        assert_eq!(
+            config.metrics.listen.0,
+            Some("127.0.0.1:9102".parse().expect("addr"))
+        );
         assert_eq!(config.log.audit_file.0, None);
     }
 

@@ -1,1 +1,129 @@
-fn main() {}
+//! The `benchgate` command line: parses arguments and hands off to the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use benchgate::config::{self, Config};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+/// An SSH bastion that admits OpenSSH user certificates into Docker bench containers.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon in the foreground.
+    Serve {
+        /// Config file [default: /etc/benchgate/benchgate.toml if present, else built-in defaults]
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Parse and validate the config, load the keys it names, print the effective config.
+    CheckConfig {
+        /// Config file [default: /etc/benchgate/benchgate.toml if present, else built-in defaults]
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config } => serve(config.as_deref()),
+        Command::CheckConfig { config } => check_config(config.as_deref()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("benchgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The given file, else the default file when present, else the built-in defaults.
+fn load_config(path: Option<&Path>) -> Result<(Config, String), config::Error> {
+    let default = Path::new(config::DEFAULT_PATH);
+    match path {
+        Some(path) => Ok((Config::load(path)?, path.display().to_string())),
+        None if default.exists() => Ok((Config::load(default)?, default.display().to_string())),
+        None => Ok((Config::default(), "built-in defaults".to_owned())),
+    }
+}
+
+fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
+    let (config, source) = load_config(path)?;
+    let trust = benchgate::auth::Trust::load(&config.auth.trusted_user_ca_keys.0, None)
+        .context("auth.trusted_user_ca_keys")?;
+    let (_, missing) = benchgate::ssh::keys::load(
+        &config.server.host_keys.0,
+        benchgate::ssh::keys::Missing::Report,
+    )
+    .context("server.host_keys")?;
+    println!("# {source}: OK");
+    for ca in &trust.cas {
+        println!("# trusted user CA {}", ca.fingerprint);
+    }
+    for path in missing {
+        println!(
+            "# host key {} is missing and will be created at start",
+            path.display()
+        );
+    }
+    print!("{}", config.to_toml());
+    Ok(())
+}
+
+fn serve(path: Option<&Path>) -> anyhow::Result<()> {
+    let (config, source) = load_config(path)?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        benchgate::logging::init(config.log.format);
+        let shared = benchgate::start(&config)?;
+        let mut listeners = Vec::new();
+        for addr in &config.server.listen.0 {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("server.listen: cannot bind {addr}"))?;
+            listeners.push(listener);
+        }
+        if let Some(addr) = config.metrics.listen.0 {
+            benchgate::metrics::install(addr)
+                .with_context(|| format!("metrics.listen: cannot serve on {addr}"))?;
+        }
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signals(shutdown.clone()));
+        tracing::info!(config = %source, listen = ?config.server.listen.0, "benchgate ready");
+        benchgate::ssh::server::serve(shared, listeners, shutdown).await;
+        tracing::info!("benchgate stopped");
+        Ok(())
+    })
+}
+
+/// SIGTERM and SIGINT start an orderly shutdown; SIGHUP is logged (reload is not built yet).
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => tracing::warn!("SIGHUP: configuration reload is not supported by this version; restart to apply changes"),
+        }
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

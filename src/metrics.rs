@@ -66,7 +66,9 @@ impl Outcome {
 /// Installs the Prometheus recorder, serving `/metrics` on `listen`, and describes every
 /// metric with its label values at zero.
 pub fn install(listen: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
-    PrometheusBuilder::new().with_http_listener(listen).install()?;
+    PrometheusBuilder::new()
+        .with_http_listener(listen)
+        .install()?;
     describe();
     Ok(())
 }
@@ -75,8 +77,14 @@ fn describe() {
     describe_counter!(CONNECTIONS_TOTAL, "SSH connections by outcome");
     describe_gauge!(CONNECTIONS_ACTIVE, "SSH connections open now");
     describe_counter!(AUTH_TOTAL, "Authentication decisions by result and reason");
-    describe_counter!(REFUSED_REQUESTS_TOTAL, "Requests refused by policy, by request");
-    describe_counter!(DISCONNECTS_TOTAL, "Connections ended by the server, by reason");
+    describe_counter!(
+        REFUSED_REQUESTS_TOTAL,
+        "Requests refused by policy, by request"
+    );
+    describe_counter!(
+        DISCONNECTS_TOTAL,
+        "Connections ended by the server, by reason"
+    );
     describe_histogram!(HANDSHAKE_SECONDS, "Seconds from accept to authentication");
     describe_histogram!(CERT_REMAINING_SECONDS, "Certificate validity left at login");
     for outcome in Outcome::ALL {

@@ -21,7 +21,11 @@ pub const PERMIT_PTY: &str = "permit-pty";
 /// type, the half-open window `valid_after <= now < valid_before`, the lifetime limit, a
 /// non-empty principal list with one principal byte-equal to the bench, and only critical
 /// options that are enforced.
-pub fn verify(cert: &Certificate, attempt: &Attempt<'_>, trust: &Trust) -> Result<Grant, Rejection> {
+pub fn verify(
+    cert: &Certificate,
+    attempt: &Attempt<'_>,
+    trust: &Trust,
+) -> Result<Grant, Rejection> {
     match rejections(cert, attempt, trust).into_iter().next() {
         Some(rejection) => Err(rejection),
         None => Ok(grant(cert, attempt)),
@@ -60,7 +64,10 @@ pub fn rejections(cert: &Certificate, attempt: &Attempt<'_>, trust: &Trust) -> V
     let principals = cert.valid_principals();
     if principals.is_empty() {
         reasons.push(Rejection::NoPrincipals);
-    } else if !principals.iter().any(|p| p.as_bytes() == attempt.bench.as_bytes()) {
+    } else if !principals
+        .iter()
+        .any(|p| p.as_bytes() == attempt.bench.as_bytes())
+    {
         reasons.push(Rejection::PrincipalMismatch);
     }
     for (name, value) in cert.critical_options().iter() {
@@ -135,9 +142,18 @@ mod tests {
     }
 
     /// A valid 6-hour certificate for bench "shop", with `edit` applied before signing.
-    fn cert_with(keys: &Keys, signer: &impl ssh_key::SigningKey, edit: impl FnOnce(&mut Builder)) -> Certificate {
-        let mut builder = Builder::new([7u8; 32], keys.user.public_key().key_data().clone(), NOW - 60, NOW + 6 * 3600)
-            .expect("builder");
+    fn cert_with(
+        keys: &Keys,
+        signer: &impl ssh_key::SigningKey,
+        edit: impl FnOnce(&mut Builder),
+    ) -> Certificate {
+        let mut builder = Builder::new(
+            [7u8; 32],
+            keys.user.public_key().key_data().clone(),
+            NOW - 60,
+            NOW + 6 * 3600,
+        )
+        .expect("builder");
         builder.cert_type(CertType::User).expect("type");
         builder.key_id("alice@example").expect("key id");
         builder.serial(42).expect("serial");
@@ -151,7 +167,11 @@ mod tests {
     }
 
     fn attempt(bench: &str) -> Attempt<'_> {
-        Attempt { bench, peer: PEER, now: NOW }
+        Attempt {
+            bench,
+            peer: PEER,
+            now: NOW,
+        }
     }
 
     fn principal(b: &mut Builder, name: &str) {
@@ -179,18 +199,29 @@ mod tests {
     fn invalid_user_is_rejected() {
         let keys = keys();
         let cert = cert_with(&keys, &keys.ca, |b| principal(b, "../x"));
-        assert_eq!(verify(&cert, &attempt("../x"), &trust(&keys)), Err(Rejection::InvalidUser));
+        assert_eq!(
+            verify(&cert, &attempt("../x"), &trust(&keys)),
+            Err(Rejection::InvalidUser)
+        );
     }
 
     #[test]
     fn host_cert_is_rejected() {
         let keys = keys();
-        let mut builder = Builder::new([1u8; 16], keys.user.public_key().key_data().clone(), NOW - 1, NOW + 1)
-            .expect("builder");
+        let mut builder = Builder::new(
+            [1u8; 16],
+            keys.user.public_key().key_data().clone(),
+            NOW - 1,
+            NOW + 1,
+        )
+        .expect("builder");
         builder.cert_type(CertType::Host).expect("type");
         principal(&mut builder, "shop");
         let cert = builder.sign(&keys.ca).expect("sign");
-        assert_eq!(verify(&cert, &attempt("shop"), &trust(&keys)), Err(Rejection::NotUserCertificate));
+        assert_eq!(
+            verify(&cert, &attempt("shop"), &trust(&keys)),
+            Err(Rejection::NotUserCertificate)
+        );
     }
 
     #[test]
@@ -198,9 +229,15 @@ mod tests {
         let keys = keys();
         let other = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).expect("key");
         let cert = cert_with(&keys, &other, |b| principal(b, "shop"));
-        assert_eq!(verify(&cert, &attempt("shop"), &trust(&keys)), Err(Rejection::UntrustedCa));
+        assert_eq!(
+            verify(&cert, &attempt("shop"), &trust(&keys)),
+            Err(Rejection::UntrustedCa)
+        );
         let self_signed = cert_with(&keys, &keys.user, |b| principal(b, "shop"));
-        assert_eq!(verify(&self_signed, &attempt("shop"), &trust(&keys)), Err(Rejection::UntrustedCa));
+        assert_eq!(
+            verify(&self_signed, &attempt("shop"), &trust(&keys)),
+            Err(Rejection::UntrustedCa)
+        );
     }
 
     /// Signs with RSA PKCS#1 v1.5 over SHA-1: the `ssh-rsa` algorithm.
@@ -226,9 +263,17 @@ mod tests {
         let keypair = rsa.key_data().rsa().expect("rsa keypair");
         let sha1 = cert_with(&keys, &Sha1Signer(keypair), |b| principal(b, "shop"));
         assert_eq!(sha1.signature().algorithm(), Algorithm::Rsa { hash: None });
-        assert_eq!(verify(&sha1, &attempt("shop"), &rsa_trust), Err(Rejection::Sha1Signature));
+        assert_eq!(
+            verify(&sha1, &attempt("shop"), &rsa_trust),
+            Err(Rejection::Sha1Signature)
+        );
         let sha512 = cert_with(&keys, &rsa, |b| principal(b, "shop"));
-        assert_eq!(sha512.signature().algorithm(), Algorithm::Rsa { hash: Some(HashAlg::Sha512) });
+        assert_eq!(
+            sha512.signature().algorithm(),
+            Algorithm::Rsa {
+                hash: Some(HashAlg::Sha512)
+            }
+        );
         assert!(verify(&sha512, &attempt("shop"), &rsa_trust).is_ok());
     }
 
@@ -242,7 +287,10 @@ mod tests {
         bytes[serial_at] ^= 1;
         let tampered = Certificate::from_bytes(&bytes).expect("decode");
         assert_eq!(tampered.serial(), 43);
-        assert_eq!(verify(&tampered, &attempt("shop"), &trust(&keys)), Err(Rejection::BadSignature));
+        assert_eq!(
+            verify(&tampered, &attempt("shop"), &trust(&keys)),
+            Err(Rejection::BadSignature)
+        );
     }
 
     #[test]
@@ -250,7 +298,16 @@ mod tests {
         let keys = keys();
         let cert = cert_with(&keys, &keys.ca, |b| principal(b, "shop"));
         let t = trust(&keys);
-        let at = |now| verify(&cert, &Attempt { now, ..attempt("shop") }, &t);
+        let at = |now| {
+            verify(
+                &cert,
+                &Attempt {
+                    now,
+                    ..attempt("shop")
+                },
+                &t,
+            )
+        };
         assert_eq!(at(NOW - 61), Err(Rejection::NotYetValid));
         assert!(at(NOW - 60).is_ok());
         assert!(at(NOW + 6 * 3600 - 1).is_ok());
@@ -271,13 +328,22 @@ mod tests {
 
     #[test]
     fn empty_principals_are_rejected() {
-        assert_eq!(check(|b| { b.all_principals_valid().ok(); }), Err(Rejection::NoPrincipals));
+        assert_eq!(
+            check(|b| {
+                b.all_principals_valid().ok();
+            }),
+            Err(Rejection::NoPrincipals)
+        );
     }
 
     #[test]
     fn principals_match_byte_for_byte() {
         for wrong in ["Shop", "shop ", "*", "sho?", "shop,other", "other"] {
-            assert_eq!(check(|b| principal(b, wrong)), Err(Rejection::PrincipalMismatch), "{wrong:?}");
+            assert_eq!(
+                check(|b| principal(b, wrong)),
+                Err(Rejection::PrincipalMismatch),
+                "{wrong:?}"
+            );
         }
         assert!(check(|b| {
             principal(b, "other");
@@ -293,7 +359,10 @@ mod tests {
                 principal(b, "shop");
                 b.critical_option(option, "").expect("option");
             });
-            assert_eq!(result, Err(Rejection::UnknownCriticalOption(option.to_owned())));
+            assert_eq!(
+                result,
+                Err(Rejection::UnknownCriticalOption(option.to_owned()))
+            );
         }
     }
 
@@ -301,7 +370,8 @@ mod tests {
     fn force_command_is_kept_in_the_grant() {
         let grant = check(|b| {
             principal(b, "shop");
-            b.critical_option(FORCE_COMMAND, "bench restart").expect("option");
+            b.critical_option(FORCE_COMMAND, "bench restart")
+                .expect("option");
         })
         .expect("granted");
         assert_eq!(grant.force_command.as_deref(), Some("bench restart"));
@@ -310,8 +380,13 @@ mod tests {
     #[test]
     fn missing_permit_pty_is_recorded() {
         let keys = keys();
-        let mut builder = Builder::new([2u8; 16], keys.user.public_key().key_data().clone(), NOW - 1, NOW + 10)
-            .expect("builder");
+        let mut builder = Builder::new(
+            [2u8; 16],
+            keys.user.public_key().key_data().clone(),
+            NOW - 1,
+            NOW + 10,
+        )
+        .expect("builder");
         builder.cert_type(CertType::User).expect("type");
         principal(&mut builder, "shop");
         let cert = builder.sign(&keys.ca).expect("sign");
@@ -329,8 +404,14 @@ mod tests {
         };
         assert!(with_source("192.0.2.0/24").is_ok());
         assert!(with_source("10.0.0.1,192.0.2.7").is_ok());
-        assert_eq!(with_source("10.0.0.0/8"), Err(Rejection::SourceAddressMismatch));
-        assert_eq!(with_source("192.0.2.1/24"), Err(Rejection::BadSourceAddress));
+        assert_eq!(
+            with_source("10.0.0.0/8"),
+            Err(Rejection::SourceAddressMismatch)
+        );
+        assert_eq!(
+            with_source("192.0.2.1/24"),
+            Err(Rejection::BadSourceAddress)
+        );
         assert_eq!(with_source("nonsense"), Err(Rejection::BadSourceAddress));
         assert_eq!(with_source("192.0.2.*"), Err(Rejection::BadSourceAddress));
     }
@@ -339,7 +420,10 @@ mod tests {
     fn source_address_matches_mapped_ipv6_peers() {
         let mapped: IpAddr = "::ffff:192.0.2.7".parse().expect("ip");
         assert_eq!(source_allows("192.0.2.7/32", mapped), Some(true));
-        assert_eq!(source_allows("2001:db8::/32", "2001:db8::1".parse().expect("ip")), Some(true));
+        assert_eq!(
+            source_allows("2001:db8::/32", "2001:db8::1".parse().expect("ip")),
+            Some(true)
+        );
     }
 
     #[test]
@@ -347,10 +431,21 @@ mod tests {
         let keys = keys();
         let other = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).expect("key");
         let cert = cert_with(&keys, &other, |b| principal(b, "elsewhere"));
-        let reasons = rejections(&cert, &Attempt { now: NOW + 7 * 3600, ..attempt("shop") }, &trust(&keys));
+        let reasons = rejections(
+            &cert,
+            &Attempt {
+                now: NOW + 7 * 3600,
+                ..attempt("shop")
+            },
+            &trust(&keys),
+        );
         assert_eq!(
             reasons,
-            [Rejection::UntrustedCa, Rejection::Expired, Rejection::PrincipalMismatch]
+            [
+                Rejection::UntrustedCa,
+                Rejection::Expired,
+                Rejection::PrincipalMismatch
+            ]
         );
     }
 }

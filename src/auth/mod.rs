@@ -120,7 +120,9 @@ impl fmt::Display for Rejection {
             Self::OutsideValidity => f.write_str("the certificate is expired or not yet valid"),
             Self::LifetimeTooLong => f.write_str("the certificate's lifetime exceeds the limit"),
             Self::NoPrincipals => f.write_str("the certificate names no principal"),
-            Self::PrincipalMismatch => f.write_str("no principal of the certificate names the bench"),
+            Self::PrincipalMismatch => {
+                f.write_str("no principal of the certificate names the bench")
+            }
             Self::UnknownCriticalOption(name) => {
                 write!(f, "unsupported critical option {}", bounded(name))
             }
@@ -291,7 +293,18 @@ mod tests {
         for good in ["a", "site1", "A.b_c-d", &"x".repeat(128)] {
             assert!(is_bench_name(good), "{good}");
         }
-        for bad in ["", ".x", "-x", "_x", "a/b", "a b", "a\0", "é", &"x".repeat(129), "a:b"] {
+        for bad in [
+            "",
+            ".x",
+            "-x",
+            "_x",
+            "a/b",
+            "a b",
+            "a\0",
+            "é",
+            &"x".repeat(129),
+            "a:b",
+        ] {
             assert!(!is_bench_name(bad), "{bad:?}");
         }
     }

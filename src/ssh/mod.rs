@@ -1,0 +1,6 @@
+//! The SSH side: everything that touches russh lives here.
+
+pub mod keys;
+pub mod prechecks;
+pub mod server;
+pub mod session;

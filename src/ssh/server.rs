@@ -1,0 +1,398 @@
+//! The accept loop: connection and pre-auth limits, the login grace deadline, orderly shutdown.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use russh::keys::ssh_key::{Algorithm, PrivateKey};
+use russh::server::Config as SshConfig;
+use russh::{Disconnect, MethodKind, MethodSet, Preferred, SshId};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::prechecks::{Sink, Watch};
+use super::session::{Connection, Ledger};
+use crate::audit::{Audit, Event, Kind};
+use crate::auth::Trust;
+use crate::config::Config;
+use crate::metrics::{self, Outcome};
+
+/// Everything connections share: policy, audit sink, SSH settings and limits.
+pub struct Shared {
+    /// Trusted CAs and certificate policy.
+    pub trust: Trust,
+    /// Where audit events go.
+    pub audit: Audit,
+    ssh: Arc<SshConfig>,
+    login_grace: Duration,
+    shutdown_grace: Duration,
+    max_startups: u32,
+    max_startups_per_source: u32,
+    max_connections: u32,
+}
+
+/// How long a rejected authentication attempt is answered after, at the least.
+const AUTH_REJECTION_TIME: Duration = Duration::from_millis(20);
+
+impl Shared {
+    /// Shared state for a server run by `config`, with its trust set, audit sink and host keys.
+    pub fn new(config: &Config, trust: Trust, audit: Audit, host_keys: Vec<PrivateKey>) -> Self {
+        let server = &config.server;
+        let defaults = Preferred::default();
+        let preferred = Preferred {
+            // Never advertise SHA-1 `ssh-rsa` as a host key algorithm.
+            key: defaults
+                .key
+                .iter()
+                .filter(|a| **a != Algorithm::Rsa { hash: None })
+                .cloned()
+                .collect(),
+            ..defaults
+        };
+        let ssh = SshConfig {
+            server_id: SshId::Standard(
+                concat!("SSH-2.0-benchgate_", env!("CARGO_PKG_VERSION")).into(),
+            ),
+            methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+            auth_rejection_time: AUTH_REJECTION_TIME,
+            auth_rejection_time_initial: Some(Duration::ZERO),
+            keys: host_keys,
+            max_auth_attempts: server.max_auth_tries.get() as usize,
+            // Idle shells are ended by keepalives and idle_timeout, not by russh's default.
+            inactivity_timeout: None,
+            keepalive_interval: server.keepalive_interval.nonzero(),
+            keepalive_max: 3,
+            nodelay: true,
+            preferred,
+            ..SshConfig::default()
+        };
+        Self {
+            trust,
+            audit,
+            ssh: Arc::new(ssh),
+            login_grace: server.login_grace_time.0,
+            shutdown_grace: server.shutdown_grace.0,
+            max_startups: server.max_startups.get(),
+            max_startups_per_source: server.max_startups_per_source.get(),
+            max_connections: server.max_connections.get(),
+        }
+    }
+}
+
+/// Serves SSH on `listeners` until `shutdown` is cancelled and every connection has ended.
+pub async fn serve(shared: Arc<Shared>, listeners: Vec<TcpListener>, shutdown: CancellationToken) {
+    let gate = Arc::new(Gate {
+        connections: Arc::new(Semaphore::new(shared.max_connections as usize)),
+        startups: Arc::new(Startups {
+            global: Arc::new(Semaphore::new(shared.max_startups as usize)),
+            per_source: Mutex::default(),
+            per_source_max: shared.max_startups_per_source,
+        }),
+        tracker: TaskTracker::new(),
+        shared,
+        shutdown,
+    });
+    let mut accepts = tokio::task::JoinSet::new();
+    for listener in listeners {
+        accepts.spawn(accept_loop(gate.clone(), listener));
+    }
+    while accepts.join_next().await.is_some() {}
+    gate.tracker.close();
+    gate.tracker.wait().await;
+}
+
+struct Gate {
+    shared: Arc<Shared>,
+    connections: Arc<Semaphore>,
+    startups: Arc<Startups>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+async fn accept_loop(gate: Arc<Gate>, listener: TcpListener) {
+    let mut next_conn: u64 = 0;
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = gate.shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        // Connections turned away are closed before the SSH version exchange.
+        let Ok(permit) = gate.connections.clone().try_acquire_owned() else {
+            turn_away(peer, Outcome::MaxConnections);
+            continue;
+        };
+        let slot = match gate.startups.claim(peer.ip()) {
+            Ok(slot) => slot,
+            Err(outcome) => {
+                turn_away(peer, outcome);
+                continue;
+            }
+        };
+        next_conn += 1;
+        let span = tracing::info_span!("conn", conn = next_conn, %peer);
+        let gate2 = gate.clone();
+        gate.tracker.spawn(
+            async move {
+                connection(&gate2, stream, peer, slot).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+fn turn_away(peer: SocketAddr, outcome: Outcome) {
+    tracing::warn!(%peer, reason = outcome.label(), "connection turned away");
+    metrics::connection(outcome);
+}
+
+/// Why a connection ended, for the `connection.closed` audit event.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    Closed,
+    LoginGrace,
+    Shutdown,
+}
+
+impl End {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::LoginGrace => "login_grace_time",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+async fn connection(gate: &Gate, stream: TcpStream, peer: SocketAddr, slot: StartupSlot) {
+    let shared = &gate.shared;
+    let _active = metrics::ActiveConnection::open();
+    let started = Instant::now();
+    let deadline = started + shared.login_grace;
+    let ledger = Arc::new(Ledger::default());
+    let sink: Arc<dyn Sink> = ledger.clone();
+    let kill = CancellationToken::new();
+    let stream = Guarded::new(stream, kill.clone(), Watch::new(&sink));
+    let (on_auth, mut authenticated) = oneshot::channel();
+    let handler = Connection::new(shared.clone(), peer, ledger.clone(), slot, on_auth);
+
+    let mut end = End::Closed;
+    let mut grant = None;
+    let start = tokio::time::timeout_at(
+        deadline,
+        russh::server::run_stream(shared.ssh.clone(), stream, handler),
+    );
+    let running = tokio::select! {
+        started = start => match started {
+            Ok(Ok(running)) => Some(running),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "ssh version exchange failed");
+                None
+            }
+            Err(_) => {
+                end = End::LoginGrace;
+                None
+            }
+        },
+        _ = gate.shutdown.cancelled() => {
+            end = End::Shutdown;
+            None
+        }
+    };
+    if let Some(running) = running {
+        let handle = running.handle();
+        tokio::pin!(running);
+        // `running` must not be polled again once it has finished.
+        let mut finished = tokio::select! {
+            _ = &mut running => true,
+            Ok(g) = &mut authenticated => {
+                grant = Some(g);
+                false
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                end = End::LoginGrace;
+                false
+            }
+            _ = gate.shutdown.cancelled() => {
+                end = End::Shutdown;
+                false
+            }
+        };
+        if grant.is_some() && !finished {
+            finished = tokio::select! {
+                _ = &mut running => true,
+                _ = gate.shutdown.cancelled() => {
+                    end = End::Shutdown;
+                    let _ = handle
+                        .disconnect(Disconnect::ByApplication, "benchgate is shutting down".into(), "en".into())
+                        .await;
+                    tokio::time::timeout(shared.shutdown_grace, &mut running).await.is_ok()
+                }
+            };
+        }
+        if !finished {
+            // Whatever is left is cut: a dead stream ends russh's session within moments.
+            kill.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), &mut running).await;
+        }
+    }
+
+    ledger.finish(shared, peer, grant.is_some());
+    let outcome = match (&grant, end) {
+        (Some(_), _) => Outcome::Authenticated,
+        (None, End::LoginGrace) => Outcome::LoginTimeout,
+        (None, _) => Outcome::Unauthenticated,
+    };
+    metrics::connection(outcome);
+    if !matches!(end, End::Closed) {
+        metrics::disconnect(end.label());
+    }
+    tracing::info!(
+        reason = end.label(),
+        outcome = outcome.label(),
+        "connection closed"
+    );
+    let mut event = Event::new(Kind::ConnectionClosed, peer)
+        .reason(end.label())
+        .duration_ms(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+    if let Some(grant) = &grant {
+        event =
+            event
+                .bench(&grant.bench)
+                .certificate(&grant.key_id, grant.serial, grant.ca.clone());
+    }
+    shared.audit.record(&event);
+}
+
+/// Unauthenticated connections, in all and per source address.
+struct Startups {
+    global: Arc<Semaphore>,
+    per_source: Mutex<HashMap<IpAddr, u32>>,
+    per_source_max: u32,
+}
+
+/// One unauthenticated connection's place in `max_startups`; freed on drop.
+pub struct StartupSlot {
+    _permit: OwnedSemaphorePermit,
+    startups: Arc<Startups>,
+    ip: IpAddr,
+}
+
+impl Startups {
+    fn sources(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, u32>> {
+        self.per_source
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn claim(self: &Arc<Self>, ip: IpAddr) -> Result<StartupSlot, Outcome> {
+        let ip = ip.to_canonical();
+        let mut sources = self.sources();
+        let count = sources.entry(ip).or_insert(0);
+        if *count >= self.per_source_max {
+            return Err(Outcome::MaxStartupsPerSource);
+        }
+        let permit = self
+            .global
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Outcome::MaxStartups)?;
+        *count += 1;
+        Ok(StartupSlot {
+            _permit: permit,
+            startups: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for StartupSlot {
+    fn drop(&mut self) {
+        let mut sources = self.startups.sources();
+        if let Some(count) = sources.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                sources.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A TCP stream that fails every read and write once its kill token is cancelled, so a
+/// connection can be cut whatever state russh is in, and that tells the precheck watch which
+/// tasks drive it.
+struct Guarded {
+    inner: TcpStream,
+    killed: Pin<Box<WaitForCancellationFutureOwned>>,
+    watch: Watch,
+}
+
+impl Guarded {
+    fn new(inner: TcpStream, kill: CancellationToken, watch: Watch) -> Self {
+        Self {
+            inner,
+            killed: Box::pin(kill.cancelled_owned()),
+            watch,
+        }
+    }
+
+    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        self.watch.note_task();
+        match self.killed.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connection cut by benchgate",
+            )),
+            Poll::Pending => Ok(()),
+        }
+    }
+}
+
+use std::future::Future as _;
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.check(cx)?;
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.check(cx)?;
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,352 @@
+//! The russh handler: one per connection, deciding authentication and refusing requests.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use russh::keys::ssh_key::{Algorithm, Certificate};
+use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelOpenFailure};
+use tokio::sync::oneshot;
+
+use super::prechecks::Sink;
+use super::server::{Shared, StartupSlot};
+use crate::audit::{Event, Kind};
+use crate::auth::{self, cert::ca_fingerprint, is_bench_name, Attempt, Grant, Rejection};
+use crate::metrics;
+
+/// What one connection has been refused so far that is not yet audited.
+#[derive(Debug, Default)]
+pub struct Ledger(Mutex<Pending>);
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// The user name of the latest attempt.
+    user: Option<String>,
+    /// A plain key was proven: reported at the end if no certificate got in.
+    plain_key: bool,
+    /// Rejections russh made itself, reported at the next decision or at the end.
+    library: Vec<Rejection>,
+    /// The invalid user name already reported, so each is reported once.
+    reported_invalid_user: Option<String>,
+}
+
+impl Sink for Ledger {
+    fn library_rejected(&self, reason: Rejection) {
+        self.lock().library.push(reason);
+    }
+}
+
+impl Ledger {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Audits the rejections russh made since the last call.
+    fn flush_library(&self, shared: &Shared, peer: SocketAddr) {
+        let (user, library) = {
+            let mut pending = self.lock();
+            (pending.user.clone(), std::mem::take(&mut pending.library))
+        };
+        for reason in library {
+            reject(shared, peer, user.as_deref(), None, &reason);
+        }
+    }
+
+    /// Audits what is still pending when the connection ends. A proven plain key is reported
+    /// only when no certificate got in: OpenSSH clients offer it before the certificate.
+    pub fn finish(&self, shared: &Shared, peer: SocketAddr, authenticated: bool) {
+        self.flush_library(shared, peer);
+        let pending = self.lock();
+        if pending.plain_key && !authenticated {
+            let user = pending.user.clone();
+            drop(pending);
+            reject(
+                shared,
+                peer,
+                user.as_deref(),
+                None,
+                &Rejection::NotCertificate,
+            );
+        }
+    }
+}
+
+/// Logs, counts and audits one refused login attempt.
+fn reject(
+    shared: &Shared,
+    peer: SocketAddr,
+    user: Option<&str>,
+    cert: Option<&Certificate>,
+    reason: &Rejection,
+) {
+    metrics::auth_rejected(reason);
+    let mut event = Event::new(Kind::AuthRejected, peer).reason(reason.label());
+    if let Some(user) = user {
+        event = event.bench(user);
+    }
+    if let Some(cert) = cert {
+        event = event.certificate(cert.key_id(), cert.serial(), ca_fingerprint(cert));
+        tracing::warn!(
+            %peer, bench = ?user.map(auth::bounded), key_id = %auth::bounded(cert.key_id()),
+            serial = cert.serial(), reason = reason.label(), "auth rejected: {reason}"
+        );
+    } else {
+        tracing::warn!(%peer, bench = ?user.map(auth::bounded), reason = reason.label(), "auth rejected: {reason}");
+    }
+    shared.audit.record(&event);
+}
+
+/// The russh handler of one connection.
+pub struct Connection {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    accepted_at: Instant,
+    ledger: Arc<Ledger>,
+    startup: Option<StartupSlot>,
+    on_auth: Option<oneshot::Sender<Grant>>,
+    grant: Option<Grant>,
+}
+
+impl Connection {
+    /// A handler for a connection from `peer`, holding its pre-auth `startup` slot until it
+    /// authenticates, then sending its grant on `on_auth`.
+    pub fn new(
+        shared: Arc<Shared>,
+        peer: SocketAddr,
+        ledger: Arc<Ledger>,
+        startup: StartupSlot,
+        on_auth: oneshot::Sender<Grant>,
+    ) -> Self {
+        Self {
+            shared,
+            peer,
+            accepted_at: Instant::now(),
+            ledger,
+            startup: Some(startup),
+            on_auth: Some(on_auth),
+            grant: None,
+        }
+    }
+
+    /// Notes `user` for later reports; refuses (and reports once) a name that is no bench name.
+    fn admit_user(&mut self, user: &str) -> bool {
+        self.ledger.flush_library(&self.shared, self.peer);
+        let mut pending = self.ledger.lock();
+        pending.user = Some(user.to_owned());
+        if is_bench_name(user) {
+            return true;
+        }
+        if pending.reported_invalid_user.as_deref() != Some(user) {
+            pending.reported_invalid_user = Some(user.to_owned());
+            drop(pending);
+            reject(
+                &self.shared,
+                self.peer,
+                Some(user),
+                None,
+                &Rejection::InvalidUser,
+            );
+        }
+        false
+    }
+
+    fn refuse_request(&self, request: &'static str) {
+        metrics::refused(request);
+        tracing::info!(peer = %self.peer, request, "request refused");
+        let mut event = Event::new(Kind::RequestRefused, self.peer).request(request);
+        if let Some(grant) = &self.grant {
+            event = event.bench(&grant.bench).certificate(
+                &grant.key_id,
+                grant.serial,
+                grant.ca.clone(),
+            );
+        }
+        self.shared.audit.record(&event);
+    }
+
+    async fn refuse_channel(&self, request: &'static str, reply: ChannelOpenHandle, message: &str) {
+        self.refuse_request(request);
+        reply
+            .reject(ChannelOpenFailure::Other {
+                code: ChannelOpenFailure::AdministrativelyProhibited.code(),
+                reason: message.to_owned(),
+            })
+            .await;
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// Message for every channel the client tries to open.
+pub const NO_CHANNELS: &str = "benchgate: this bastion does not open sessions yet";
+/// Message for forwarding channels.
+pub const NO_FORWARDING: &str = "benchgate: forwarding is not available through this bastion";
+
+impl russh::server::Handler for Connection {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
+        self.admit_user(user);
+        Ok(Auth::reject())
+    }
+
+    async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
+        self.admit_user(user);
+        Ok(Auth::reject())
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        if !self.admit_user(user) {
+            return Ok(Auth::reject());
+        }
+        if *offer.algorithm == (Algorithm::Rsa { hash: None }) {
+            reject(
+                &self.shared,
+                self.peer,
+                Some(user),
+                None,
+                &Rejection::Sha1Signature,
+            );
+            return Ok(Auth::reject());
+        }
+        // A certificate arrives here as its bare subject key, indistinguishable from a plain
+        // key: accept the offer and decide once the key is proven.
+        Ok(Auth::Accept)
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        // The OpenSSH client offers the bare key before its certificate, so this is reported
+        // only if no certificate gets in (see Ledger::flush).
+        tracing::debug!(peer = %self.peer, bench = %auth::bounded(user), algorithm = %key.algorithm, "plain key refused");
+        self.ledger.lock().plain_key = true;
+        Ok(Auth::reject())
+    }
+
+    async fn auth_openssh_certificate(
+        &mut self,
+        user: &str,
+        cert: &Certificate,
+    ) -> Result<Auth, Self::Error> {
+        if !self.admit_user(user) {
+            return Ok(Auth::reject());
+        }
+        let attempt = Attempt {
+            bench: user,
+            peer: self.peer.ip(),
+            now: unix_now(),
+        };
+        match auth::verify(cert, &attempt, &self.shared.trust) {
+            Ok(grant) => {
+                let remaining = grant.valid_before.saturating_sub(attempt.now);
+                metrics::auth_accepted(self.accepted_at.elapsed(), remaining);
+                tracing::info!(
+                    peer = %self.peer, bench = %grant.bench, key_id = %auth::bounded(&grant.key_id),
+                    serial = grant.serial, ca = %grant.ca, "auth accepted"
+                );
+                self.shared.audit.record(
+                    &Event::new(Kind::AuthAccepted, self.peer)
+                        .bench(&grant.bench)
+                        .certificate(&grant.key_id, grant.serial, grant.ca.clone()),
+                );
+                self.grant = Some(grant);
+                Ok(Auth::Accept)
+            }
+            Err(reason) => {
+                reject(&self.shared, self.peer, Some(user), Some(cert), &reason);
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
+        self.startup = None;
+        if let (Some(on_auth), Some(grant)) = (self.on_auth.take(), self.grant.clone()) {
+            let _ = on_auth.send(grant);
+        }
+        Ok(())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        _channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse_channel("session", reply, NO_CHANNELS).await;
+        Ok(())
+    }
+
+    async fn channel_open_x11(
+        &mut self,
+        _channel: Channel<Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse_channel("x11", reply, NO_FORWARDING).await;
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        _host_to_connect: &str,
+        _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse_channel("direct-tcpip", reply, NO_FORWARDING)
+            .await;
+        Ok(())
+    }
+
+    async fn channel_open_direct_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        _socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse_channel("direct-streamlocal", reply, NO_FORWARDING)
+            .await;
+        Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        _address: &str,
+        _port: &mut u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        self.refuse_request("tcpip-forward");
+        Ok(false)
+    }
+
+    async fn streamlocal_forward(
+        &mut self,
+        _socket_path: &str,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        self.refuse_request("streamlocal-forward");
+        Ok(false)
+    }
+}
