@@ -235,6 +235,10 @@ async fn connection(gate: &Gate, stream: TcpStream, peer: SocketAddr, slot: Star
                 false
             }
         };
+        // Both may be ready at once; the grant is sent before the session can end.
+        if grant.is_none() {
+            grant = authenticated.try_recv().ok();
+        }
         if grant.is_some() && !finished {
             finished = tokio::select! {
                 _ = &mut running => true,

@@ -1,0 +1,209 @@
+//! Test harness: a real daemon on 127.0.0.1:0, keys and certificates minted by `ssh-keygen`,
+//! and the real OpenSSH client with a pinned host key.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Arc;
+use std::time::Duration;
+
+use benchgate::config::{Config, NonEmpty, Optional};
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+/// The bench every test certificate is for, unless it says otherwise.
+pub const BENCH: &str = "shop";
+
+/// A running benchgate with its own CA, host key and audit file in a temp dir.
+pub struct Bastion {
+    pub dir: TempDir,
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Runs `program args`, failing the test with its stderr when it cannot run or fails.
+pub fn run(program: &str, args: &[&str]) -> Output {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Creates an unencrypted key pair `dir/name` of type `kind` ("ed25519", "rsa").
+pub fn keygen(dir: &Path, name: &str, kind: &str) -> PathBuf {
+    let path = dir.join(name);
+    run("ssh-keygen", &["-q", "-t", kind, "-N", "", "-C", name, "-f", path.to_str().unwrap()]);
+    path
+}
+
+impl Bastion {
+    /// Starts a daemon trusting a fresh CA `ca`, with `edit` applied to its config.
+    pub async fn start(edit: impl FnOnce(&Path, &mut Config)) -> Self {
+        benchgate::logging::init(benchgate::config::LogFormat::Text);
+        let dir = tempfile::tempdir().unwrap();
+        keygen(dir.path(), "ca", "ed25519");
+        let mut config = Config::default();
+        config.server.host_keys = NonEmpty(vec![dir.path().join("host_key")]);
+        config.auth.trusted_user_ca_keys = NonEmpty(vec![dir.path().join("ca.pub")]);
+        config.metrics.listen = Optional(None);
+        config.log.audit_file = Optional(Some(dir.path().join("audit.log")));
+        edit(dir.path(), &mut config);
+        let shared = benchgate::start(&config).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(benchgate::ssh::server::serve(shared, vec![listener], shutdown.clone()));
+        let host_pub = run("ssh-keygen", &["-y", "-f", dir.path().join("host_key").to_str().unwrap()]);
+        let line = format!("[127.0.0.1]:{} {}", addr.port(), String::from_utf8_lossy(&host_pub.stdout));
+        std::fs::write(dir.path().join("known_hosts"), line).unwrap();
+        Self {
+            dir,
+            addr,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A new user key `name`, with a certificate signed by `ca` using `sign_args`
+    /// (`-n`, `-V`, `-O`, `-t`... as `ssh-keygen -s` takes them). Returns the private key path.
+    pub fn user_with_cert(&self, name: &str, ca: &str, sign_args: &[&str]) -> PathBuf {
+        let key = keygen(self.dir.path(), name, "ed25519");
+        self.sign(&key, ca, sign_args);
+        key
+    }
+
+    /// Signs `key.pub` with the CA key `ca` (a file name in the temp dir), writing `key-cert.pub`.
+    pub fn sign(&self, key: &Path, ca: &str, sign_args: &[&str]) {
+        let ca = self.path(ca);
+        let public = format!("{}.pub", key.display());
+        let mut args = vec!["-q", "-s", ca.to_str().unwrap(), "-I", "key-id-of-test", "-z", "77"];
+        args.extend_from_slice(sign_args);
+        args.push(&public);
+        run("ssh-keygen", &args);
+    }
+
+    /// Runs the real `ssh` client as `user` with `key` (and its `-cert.pub` if present),
+    /// `extra` options before the destination, running `true`.
+    pub async fn ssh(&self, user: &str, key: &Path, extra: &[&str]) -> SshResult {
+        let known_hosts = format!("UserKnownHostsFile={}", self.path("known_hosts").display());
+        let port = self.addr.port().to_string();
+        let mut cmd = Command::new("ssh");
+        cmd.args(["-F", "none", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
+            .args(["-o", "IdentityAgent=none", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10"])
+            .args(["-o", &known_hosts, "-i", key.to_str().unwrap(), "-p", &port])
+            .args(extra)
+            .arg(format!("{user}@127.0.0.1"))
+            .arg("true")
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+            .await
+            .expect("ssh did not finish within 30 s")
+            .expect("cannot run ssh");
+        SshResult {
+            code: out.status.code(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Audit events so far, parsed.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.path("audit.log")).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}")))
+            .collect()
+    }
+
+    /// Waits (bounded) until `count` connections have been closed, then returns every event.
+    pub async fn audit_after_closed(&self, count: usize) -> Vec<serde_json::Value> {
+        for _ in 0..200 {
+            let events = self.audit();
+            if events.iter().filter(|e| e["event"] == "connection.closed").count() >= count {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("fewer than {count} connection.closed events after 10 s: {:#?}", self.audit());
+    }
+
+    /// Runs `ssh` and returns the reasons of the `auth.rejected` events of that connection,
+    /// asserting the client was denied.
+    pub async fn rejection_reasons(&self, user: &str, key: &Path, extra: &[&str]) -> Vec<String> {
+        let closed_before = self.closed_count();
+        let result = self.ssh(user, key, extra).await;
+        result.assert_denied();
+        let events = self.audit_after_closed(closed_before + 1).await;
+        let peer = events
+            .iter()
+            .rfind(|e| e["event"] == "connection.closed")
+            .map(|e| e["peer"].clone())
+            .unwrap();
+        let mine: Vec<_> = events.iter().filter(|e| e["peer"] == peer).collect();
+        assert!(
+            !mine.iter().any(|e| e["event"] == "auth.accepted"),
+            "unexpected acceptance: {mine:#?}"
+        );
+        mine.iter()
+            .filter(|e| e["event"] == "auth.rejected")
+            .map(|e| e["reason"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    fn closed_count(&self) -> usize {
+        self.audit().iter().filter(|e| e["event"] == "connection.closed").count()
+    }
+
+    /// Stops the daemon and waits for it.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(40), task).await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for Bastion {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// What the `ssh` client did.
+#[derive(Debug)]
+pub struct SshResult {
+    pub code: Option<i32>,
+    pub stderr: String,
+}
+
+impl SshResult {
+    /// The client authenticated: it got as far as the (refused) session channel.
+    pub fn assert_authenticated(&self) {
+        assert!(
+            self.stderr.contains("open failed: administratively prohibited: benchgate:"),
+            "not authenticated: {self:?}"
+        );
+        assert!(!self.stderr.contains("Permission denied"), "{self:?}");
+    }
+
+    /// The client was denied with nothing but OpenSSH's usual line.
+    pub fn assert_denied(&self) {
+        assert!(self.stderr.contains("Permission denied (publickey)"), "not denied: {self:?}");
+        assert_eq!(self.code, Some(255), "{self:?}");
+    }
+}
+
+/// Shared handle for tests that need the bastion from several tasks.
+pub type SharedBastion = Arc<Bastion>;
