@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 use crate::auth::Rejection;
 
@@ -22,6 +22,15 @@ pub const DISCONNECTS_TOTAL: &str = "benchgate_disconnects_total";
 pub const HANDSHAKE_SECONDS: &str = "benchgate_handshake_seconds";
 /// Seconds left on certificates at login.
 pub const CERT_REMAINING_SECONDS: &str = "benchgate_cert_remaining_seconds";
+
+/// Histogram buckets for latencies, in seconds.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Histogram buckets for certificate validity left at login, in seconds (1 min to 1 day).
+const REMAINING_BUCKETS: &[f64] = &[
+    60.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 21600.0, 43200.0, 86400.0,
+];
 
 /// How a connection ended, or why it was turned away: the `outcome` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +76,11 @@ impl Outcome {
 /// metric with its label values at zero.
 pub fn install(listen: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
     PrometheusBuilder::new()
+        .set_buckets(SECONDS_BUCKETS)?
+        .set_buckets_for_metric(
+            Matcher::Full(CERT_REMAINING_SECONDS.into()),
+            REMAINING_BUCKETS,
+        )?
         .with_http_listener(listen)
         .install()?;
     describe();

@@ -11,7 +11,11 @@ use std::process::{Command, Output};
 use support::keygen;
 
 fn benchgate(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_benchgate")).args(args).env("RUST_LOG", "off").output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_benchgate"))
+        .args(args)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap()
 }
 
 fn stderr(out: &Output) -> String {
@@ -21,7 +25,8 @@ fn stderr(out: &Output) -> String {
 /// `text` with the production key directories pointed at `dir`.
 fn relocated(text: &str, dir: &Path) -> String {
     let dir = dir.display().to_string();
-    text.replace("/etc/benchgate", &dir).replace("/var/lib/benchgate", &dir)
+    text.replace("/etc/benchgate", &dir)
+        .replace("/var/lib/benchgate", &dir)
 }
 
 #[test]
@@ -35,7 +40,11 @@ fn check_config_accepts_every_shipped_example() {
             continue;
         }
         let copy = dir.path().join(path.file_name().unwrap());
-        std::fs::write(&copy, relocated(&std::fs::read_to_string(&path).unwrap(), dir.path())).unwrap();
+        std::fs::write(
+            &copy,
+            relocated(&std::fs::read_to_string(&path).unwrap(), dir.path()),
+        )
+        .unwrap();
         let out = benchgate(&["check-config", "--config", copy.to_str().unwrap()]);
         assert!(out.status.success(), "{}: {}", path.display(), stderr(&out));
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -95,7 +104,11 @@ fn unreadable_host_key_refuses_start() {
     let dir = tempfile::tempdir().unwrap();
     keygen(dir.path(), "ca", "ed25519");
     std::fs::write(dir.path().join("host_key"), "garbage").unwrap();
-    std::fs::set_permissions(dir.path().join("host_key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(
+        dir.path().join("host_key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
     assert_refuses_to_start(dir.path(), "not an OpenSSH private key");
 }
 
@@ -128,5 +141,8 @@ fn version_and_help() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("benchgate "));
     let out = benchgate(&["--help"]);
     let help = String::from_utf8_lossy(&out.stdout);
-    assert!(help.contains("serve") && help.contains("check-config"), "{help}");
+    assert!(
+        help.contains("serve") && help.contains("check-config"),
+        "{help}"
+    );
 }

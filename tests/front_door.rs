@@ -18,7 +18,10 @@ async fn bastion() -> Bastion {
 async fn assert_rejected_for(bastion: &Bastion, sign_args: &[&str], reason: &str) {
     let key = bastion.user_with_cert("user", "ca", sign_args);
     let reasons = bastion.rejection_reasons(BENCH, &key, &[]).await;
-    assert!(reasons.iter().any(|r| r == reason), "expected {reason}, got {reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r == reason),
+        "expected {reason}, got {reasons:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -27,7 +30,10 @@ async fn valid_cert_authenticates_and_is_audited() {
     let key = bastion.user_with_cert("user", "ca", &["-n", BENCH, "-V", SIX_HOURS]);
     bastion.ssh(BENCH, &key, &[]).await.assert_authenticated();
     let events = bastion.audit_after_closed(1).await;
-    let accepted: Vec<_> = events.iter().filter(|e| e["event"] == "auth.accepted").collect();
+    let accepted: Vec<_> = events
+        .iter()
+        .filter(|e| e["event"] == "auth.accepted")
+        .collect();
     assert_eq!(accepted.len(), 1, "{events:#?}");
     let event = accepted[0];
     assert_eq!(event["bench"], BENCH);
@@ -36,8 +42,14 @@ async fn valid_cert_authenticates_and_is_audited() {
     assert!(event["ca"].as_str().unwrap().starts_with("SHA256:"));
     assert!(event["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
     // The bare key the client offers first is expected and not reported on success.
-    assert!(!events.iter().any(|e| e["event"] == "auth.rejected"), "{events:#?}");
-    let refused = events.iter().find(|e| e["event"] == "request.refused").unwrap();
+    assert!(
+        !events.iter().any(|e| e["event"] == "auth.rejected"),
+        "{events:#?}"
+    );
+    let refused = events
+        .iter()
+        .find(|e| e["event"] == "request.refused")
+        .unwrap();
     assert_eq!(refused["request"], "session");
     bastion.stop().await;
 }
@@ -45,13 +57,23 @@ async fn valid_cert_authenticates_and_is_audited() {
 #[tokio::test(flavor = "multi_thread")]
 async fn expired_cert_is_rejected() {
     let bastion = bastion().await;
-    assert_rejected_for(&bastion, &["-n", BENCH, "-V", "20200101:20200102"], "outside_validity").await;
+    assert_rejected_for(
+        &bastion,
+        &["-n", BENCH, "-V", "20200101:20200102"],
+        "outside_validity",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn not_yet_valid_cert_is_rejected() {
     let bastion = bastion().await;
-    assert_rejected_for(&bastion, &["-n", BENCH, "-V", "+1h:+7h"], "outside_validity").await;
+    assert_rejected_for(
+        &bastion,
+        &["-n", BENCH, "-V", "+1h:+7h"],
+        "outside_validity",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -73,7 +95,10 @@ async fn self_signed_cert_is_rejected() {
 async fn assert_rejected_for_ca(bastion: &Bastion, ca: &str, reason: &str) {
     let key = bastion.user_with_cert("user", ca, &["-n", BENCH, "-V", SIX_HOURS]);
     let reasons = bastion.rejection_reasons(BENCH, &key, &[]).await;
-    assert!(reasons.iter().any(|r| r == reason), "expected {reason}, got {reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r == reason),
+        "expected {reason}, got {reasons:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -86,9 +111,16 @@ async fn empty_principals_are_rejected() {
 async fn principal_must_match_byte_for_byte() {
     let bastion = bastion().await;
     for principal in ["Shop", "shop ", "*", "sho?", "other"] {
-        let key = bastion.user_with_cert(&format!("user{}", principal.len()), "ca", &["-n", principal, "-V", SIX_HOURS]);
+        let key = bastion.user_with_cert(
+            &format!("user{}", principal.len()),
+            "ca",
+            &["-n", principal, "-V", SIX_HOURS],
+        );
         let reasons = bastion.rejection_reasons(BENCH, &key, &[]).await;
-        assert!(reasons.contains(&"principal_mismatch".to_owned()), "{principal:?}: {reasons:?}");
+        assert!(
+            reasons.contains(&"principal_mismatch".to_owned()),
+            "{principal:?}: {reasons:?}"
+        );
         std::fs::remove_file(&key).unwrap();
     }
 }
@@ -115,24 +147,58 @@ async fn unknown_critical_option_is_rejected() {
 #[tokio::test(flavor = "multi_thread")]
 async fn source_address_is_judged_on_the_client_address() {
     let bastion = bastion().await;
-    let key = bastion.user_with_cert("user", "ca", &["-n", BENCH, "-V", SIX_HOURS, "-O", "source-address=127.0.0.2/32"]);
-    bastion.ssh(BENCH, &key, &["-b", "127.0.0.2"]).await.assert_authenticated();
-    let reasons = bastion.rejection_reasons(BENCH, &key, &["-b", "127.0.0.1"]).await;
-    assert!(reasons.contains(&"source_address_mismatch".to_owned()), "{reasons:?}");
+    let key = bastion.user_with_cert(
+        "user",
+        "ca",
+        &[
+            "-n",
+            BENCH,
+            "-V",
+            SIX_HOURS,
+            "-O",
+            "source-address=127.0.0.2/32",
+        ],
+    );
+    bastion
+        .ssh(BENCH, &key, &["-b", "127.0.0.2"])
+        .await
+        .assert_authenticated();
+    let reasons = bastion
+        .rejection_reasons(BENCH, &key, &["-b", "127.0.0.1"])
+        .await;
+    assert!(
+        reasons.contains(&"source_address_mismatch".to_owned()),
+        "{reasons:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sha1_ca_signature_is_rejected() {
     let bastion = Bastion::start(|dir, config| {
         keygen(dir, "rsa_ca", "rsa");
-        config.auth.trusted_user_ca_keys.0.push(dir.join("rsa_ca.pub"));
+        config
+            .auth
+            .trusted_user_ca_keys
+            .0
+            .push(dir.join("rsa_ca.pub"));
     })
     .await;
-    let key = bastion.user_with_cert("user", "rsa_ca", &["-n", BENCH, "-V", SIX_HOURS, "-t", "ssh-rsa"]);
+    let key = bastion.user_with_cert(
+        "user",
+        "rsa_ca",
+        &["-n", BENCH, "-V", SIX_HOURS, "-t", "ssh-rsa"],
+    );
     let reasons = bastion.rejection_reasons(BENCH, &key, &[]).await;
-    assert!(reasons.contains(&"sha1_signature".to_owned()), "{reasons:?}");
+    assert!(
+        reasons.contains(&"sha1_signature".to_owned()),
+        "{reasons:?}"
+    );
     // The same CA signing with rsa-sha2-512 is fine.
-    let good = bastion.user_with_cert("user2", "rsa_ca", &["-n", BENCH, "-V", SIX_HOURS, "-t", "rsa-sha2-512"]);
+    let good = bastion.user_with_cert(
+        "user2",
+        "rsa_ca",
+        &["-n", BENCH, "-V", SIX_HOURS, "-t", "rsa-sha2-512"],
+    );
     bastion.ssh(BENCH, &good, &[]).await.assert_authenticated();
 }
 
@@ -142,7 +208,12 @@ async fn lifetime_over_the_limit_is_rejected() {
         config.auth.max_cert_lifetime = Span(std::time::Duration::from_secs(3600));
     })
     .await;
-    assert_rejected_for(&bastion, &["-n", BENCH, "-V", SIX_HOURS], "lifetime_too_long").await;
+    assert_rejected_for(
+        &bastion,
+        &["-n", BENCH, "-V", SIX_HOURS],
+        "lifetime_too_long",
+    )
+    .await;
     let key = bastion.user_with_cert("short", "ca", &["-n", BENCH, "-V", "-5m:+50m"]);
     bastion.ssh(BENCH, &key, &[]).await.assert_authenticated();
 }
@@ -166,8 +237,13 @@ async fn host_cert_offered_as_user_cert_is_rejected() {
     struct PinnedHost(russh::keys::PublicKey);
     impl russh::client::Handler for PinnedHost {
         type Error = russh::Error;
-        async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
-            Ok(matches!(key, PublicKeyOrCertificate::PublicKey { key, .. } if key.key_data() == self.0.key_data()))
+        async fn check_server_key(
+            &mut self,
+            key: &PublicKeyOrCertificate,
+        ) -> Result<bool, Self::Error> {
+            Ok(
+                matches!(key, PublicKeyOrCertificate::PublicKey { key, .. } if key.key_data() == self.0.key_data()),
+            )
         }
     }
 
@@ -177,13 +253,21 @@ async fn host_cert_offered_as_user_cert_is_rejected() {
     let cert = Certificate::read_file(&bastion.path("host-cert.pub")).unwrap();
     let host = PrivateKey::read_openssh_file(&bastion.path("host_key")).unwrap();
     let config = Arc::new(russh::client::Config::default());
-    let mut client = russh::client::connect(config, bastion.addr, PinnedHost(host.public_key().clone()))
+    let mut client =
+        russh::client::connect(config, bastion.addr, PinnedHost(host.public_key().clone()))
+            .await
+            .unwrap();
+    let result = client
+        .authenticate_openssh_cert(BENCH, Arc::new(key), cert)
         .await
         .unwrap();
-    let result = client.authenticate_openssh_cert(BENCH, Arc::new(key), cert).await.unwrap();
     assert!(!result.success());
     drop(client);
     let events = bastion.audit_after_closed(1).await;
-    let reasons: Vec<_> = events.iter().filter(|e| e["event"] == "auth.rejected").map(|e| &e["reason"]).collect();
+    let reasons: Vec<_> = events
+        .iter()
+        .filter(|e| e["event"] == "auth.rejected")
+        .map(|e| &e["reason"])
+        .collect();
     assert_eq!(reasons, ["not_user_certificate"], "{events:#?}");
 }

@@ -52,10 +52,15 @@ async fn silent_connection_is_closed_at_login_grace_time() {
     })
     .await;
     let mut stream = silent([127, 0, 0, 1], bastion.addr).await;
-    assert!(read_banner(&mut stream).await.starts_with("SSH-2.0-benchgate"));
+    assert!(read_banner(&mut stream)
+        .await
+        .starts_with("SSH-2.0-benchgate"));
     read_to_close(&mut stream).await;
     let events = bastion.audit_after_closed(1).await;
-    let closed = events.iter().find(|e| e["event"] == "connection.closed").unwrap();
+    let closed = events
+        .iter()
+        .find(|e| e["event"] == "connection.closed")
+        .unwrap();
     assert_eq!(closed["reason"], "login_grace_time");
 }
 
@@ -77,7 +82,10 @@ async fn per_source_limit_turns_away_only_that_source() {
     assert_eq!(read_to_close(&mut third).await, b"");
     // Another source still gets in while those two are held.
     let key = bastion.user_with_cert("user", "ca", &["-n", BENCH, "-V", "-5m:+6h"]);
-    bastion.ssh(BENCH, &key, &["-b", "127.0.0.2"]).await.assert_authenticated();
+    bastion
+        .ssh(BENCH, &key, &["-b", "127.0.0.2"])
+        .await
+        .assert_authenticated();
     drop(held);
 }
 

@@ -42,7 +42,20 @@ pub fn run(program: &str, args: &[&str]) -> Output {
 /// Creates an unencrypted key pair `dir/name` of type `kind` ("ed25519", "rsa").
 pub fn keygen(dir: &Path, name: &str, kind: &str) -> PathBuf {
     let path = dir.join(name);
-    run("ssh-keygen", &["-q", "-t", kind, "-N", "", "-C", name, "-f", path.to_str().unwrap()]);
+    run(
+        "ssh-keygen",
+        &[
+            "-q",
+            "-t",
+            kind,
+            "-N",
+            "",
+            "-C",
+            name,
+            "-f",
+            path.to_str().unwrap(),
+        ],
+    );
     path
 }
 
@@ -62,9 +75,20 @@ impl Bastion {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(benchgate::ssh::server::serve(shared, vec![listener], shutdown.clone()));
-        let host_pub = run("ssh-keygen", &["-y", "-f", dir.path().join("host_key").to_str().unwrap()]);
-        let line = format!("[127.0.0.1]:{} {}", addr.port(), String::from_utf8_lossy(&host_pub.stdout));
+        let task = tokio::spawn(benchgate::ssh::server::serve(
+            shared,
+            vec![listener],
+            shutdown.clone(),
+        ));
+        let host_pub = run(
+            "ssh-keygen",
+            &["-y", "-f", dir.path().join("host_key").to_str().unwrap()],
+        );
+        let line = format!(
+            "[127.0.0.1]:{} {}",
+            addr.port(),
+            String::from_utf8_lossy(&host_pub.stdout)
+        );
         std::fs::write(dir.path().join("known_hosts"), line).unwrap();
         Self {
             dir,
@@ -90,7 +114,15 @@ impl Bastion {
     pub fn sign(&self, key: &Path, ca: &str, sign_args: &[&str]) {
         let ca = self.path(ca);
         let public = format!("{}.pub", key.display());
-        let mut args = vec!["-q", "-s", ca.to_str().unwrap(), "-I", "key-id-of-test", "-z", "77"];
+        let mut args = vec![
+            "-q",
+            "-s",
+            ca.to_str().unwrap(),
+            "-I",
+            "key-id-of-test",
+            "-z",
+            "77",
+        ];
         args.extend_from_slice(sign_args);
         args.push(&public);
         run("ssh-keygen", &args);
@@ -102,13 +134,27 @@ impl Bastion {
         let known_hosts = format!("UserKnownHostsFile={}", self.path("known_hosts").display());
         let port = self.addr.port().to_string();
         let mut cmd = Command::new("ssh");
-        cmd.args(["-F", "none", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
-            .args(["-o", "IdentityAgent=none", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10"])
-            .args(["-o", &known_hosts, "-i", key.to_str().unwrap(), "-p", &port])
-            .args(extra)
-            .arg(format!("{user}@127.0.0.1"))
-            .arg("true")
-            .kill_on_drop(true);
+        cmd.args([
+            "-F",
+            "none",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .args([
+            "-o",
+            "IdentityAgent=none",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "ConnectTimeout=10",
+        ])
+        .args(["-o", &known_hosts, "-i", key.to_str().unwrap(), "-p", &port])
+        .args(extra)
+        .arg(format!("{user}@127.0.0.1"))
+        .arg("true")
+        .kill_on_drop(true);
         let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
             .await
             .expect("ssh did not finish within 30 s")
@@ -123,7 +169,10 @@ impl Bastion {
     pub fn audit(&self) -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(self.path("audit.log")).unwrap_or_default();
         text.lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}")))
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}"))
+            })
             .collect()
     }
 
@@ -131,12 +180,20 @@ impl Bastion {
     pub async fn audit_after_closed(&self, count: usize) -> Vec<serde_json::Value> {
         for _ in 0..200 {
             let events = self.audit();
-            if events.iter().filter(|e| e["event"] == "connection.closed").count() >= count {
+            if events
+                .iter()
+                .filter(|e| e["event"] == "connection.closed")
+                .count()
+                >= count
+            {
                 return events;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("fewer than {count} connection.closed events after 10 s: {:#?}", self.audit());
+        panic!(
+            "fewer than {count} connection.closed events after 10 s: {:#?}",
+            self.audit()
+        );
     }
 
     /// Runs `ssh` and returns the reasons of the `auth.rejected` events of that connection,
@@ -163,14 +220,20 @@ impl Bastion {
     }
 
     fn closed_count(&self) -> usize {
-        self.audit().iter().filter(|e| e["event"] == "connection.closed").count()
+        self.audit()
+            .iter()
+            .filter(|e| e["event"] == "connection.closed")
+            .count()
     }
 
     /// Stops the daemon and waits for it.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(40), task).await.unwrap().unwrap();
+            tokio::time::timeout(Duration::from_secs(40), task)
+                .await
+                .unwrap()
+                .unwrap();
         }
     }
 }
@@ -192,7 +255,8 @@ impl SshResult {
     /// The client authenticated: it got as far as the (refused) session channel.
     pub fn assert_authenticated(&self) {
         assert!(
-            self.stderr.contains("open failed: administratively prohibited: benchgate:"),
+            self.stderr
+                .contains("open failed: administratively prohibited: benchgate:"),
             "not authenticated: {self:?}"
         );
         assert!(!self.stderr.contains("Permission denied"), "{self:?}");
@@ -200,7 +264,10 @@ impl SshResult {
 
     /// The client was denied with nothing but OpenSSH's usual line.
     pub fn assert_denied(&self) {
-        assert!(self.stderr.contains("Permission denied (publickey)"), "not denied: {self:?}");
+        assert!(
+            self.stderr.contains("Permission denied (publickey)"),
+            "not denied: {self:?}"
+        );
         assert_eq!(self.code, Some(255), "{self:?}");
     }
 }
