@@ -20,6 +20,12 @@ pub enum Kind {
     /// A login attempt was refused.
     #[serde(rename = "auth.rejected")]
     AuthRejected,
+    /// A session started in a bench container.
+    #[serde(rename = "session.start")]
+    SessionStart,
+    /// A session ended.
+    #[serde(rename = "session.end")]
+    SessionEnd,
     /// A request inside a connection was refused.
     #[serde(rename = "request.refused")]
     RequestRefused,
@@ -48,7 +54,17 @@ pub struct Event {
     #[serde(skip_serializing_if = "Option::is_none")]
     request: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    container: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    command: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exit_status: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     duration_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes_in: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes_out: Option<u64>,
 }
 
 impl Event {
@@ -64,7 +80,12 @@ impl Event {
             ca: None,
             reason: None,
             request: None,
+            container: None,
+            command: None,
+            exit_status: None,
             duration_ms: None,
+            bytes_in: None,
+            bytes_out: None,
         }
     }
 
@@ -91,6 +112,31 @@ impl Event {
     /// The refused request.
     pub fn request(mut self, request: &str) -> Self {
         self.request = Some(bounded(request));
+        self
+    }
+
+    /// The container (full ID).
+    pub fn container(mut self, id: &str) -> Self {
+        self.container = Some(bounded(id));
+        self
+    }
+
+    /// The command run (untrusted).
+    pub fn command(mut self, command: &str) -> Self {
+        self.command = Some(bounded(command));
+        self
+    }
+
+    /// How the session ended: an exit status, or why there is none.
+    pub fn exit_status(mut self, status: impl Into<String>) -> Self {
+        self.exit_status = Some(status.into());
+        self
+    }
+
+    /// Bytes from the client and to the client.
+    pub fn bytes(mut self, bytes_in: u64, bytes_out: u64) -> Self {
+        self.bytes_in = Some(bytes_in);
+        self.bytes_out = Some(bytes_out);
         self
     }
 

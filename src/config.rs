@@ -20,6 +20,10 @@ pub struct Config {
     pub server: Server,
     /// `[auth]`: certificate trust and policy.
     pub auth: Auth,
+    /// `[docker]`: the engines and how benches are found on them.
+    pub docker: Docker,
+    /// `[session]`: what a session runs inside the bench container.
+    pub session: Session,
     /// `[metrics]`: the Prometheus endpoint.
     pub metrics: Metrics,
     /// `[log]`: log format and audit trail.
@@ -98,6 +102,86 @@ impl Default for Auth {
             max_cert_lifetime: Span::secs(0),
             disconnect_on_expiry: true,
             expiry_warnings: vec![Span::secs(600), Span::secs(60)],
+        }
+    }
+}
+
+/// `[docker]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Docker {
+    /// A container with this label is the bench named by the label's value.
+    pub bench_label: String,
+    /// A principal equal to this label's value also grants the bench; "" = off.
+    pub group_label: String,
+    /// Bound on every Docker API request (not on a session's output stream).
+    pub request_timeout: Span,
+    /// The Docker engines to serve benches from.
+    pub endpoints: NonEmpty<Endpoint>,
+}
+
+impl Default for Docker {
+    fn default() -> Self {
+        let url = std::env::var("DOCKER_HOST")
+            .unwrap_or_else(|_| "unix:///var/run/docker.sock".to_owned());
+        Self {
+            bench_label: "benchgate.bench".to_owned(),
+            group_label: "benchgate.group".to_owned(),
+            request_timeout: Span::secs(10),
+            endpoints: NonEmpty(vec![Endpoint {
+                url,
+                tls_ca: Optional(None),
+                tls_cert: Optional(None),
+                tls_key: Optional(None),
+            }]),
+        }
+    }
+}
+
+/// `[[docker.endpoints]]`: one Docker engine.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// `unix:///path/to/docker.sock` or `tcp://host:port`.
+    pub url: String,
+    /// CA that signed the engine's TLS certificate (tcp only; all three or none).
+    #[serde(default)]
+    pub tls_ca: Optional<PathBuf>,
+    /// Client certificate for TLS.
+    #[serde(default)]
+    pub tls_cert: Optional<PathBuf>,
+    /// Client key for TLS.
+    #[serde(default)]
+    pub tls_key: Optional<PathBuf>,
+}
+
+/// `[session]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Session {
+    /// User inside the container; the container label `benchgate.user` overrides it.
+    pub user: String,
+    /// Working directory; the container label `benchgate.workdir` overrides it.
+    pub working_dir: String,
+    /// Shell command for interactive sessions; empty = `bash --login` if present, else `sh -l`.
+    pub shell: Vec<String>,
+    /// Client environment variables passed on (`*` at the end matches a prefix).
+    pub env_allow: Vec<String>,
+    /// Sessions at once into one bench.
+    pub max_sessions_per_bench: NonZeroU32,
+    /// Directory for asciicast recordings of PTY sessions; "" = off.
+    pub record_dir: Optional<PathBuf>,
+}
+
+impl Default for Session {
+    fn default() -> Self {
+        Self {
+            user: "frappe".to_owned(),
+            working_dir: "/home/frappe/frappe-bench".to_owned(),
+            shell: Vec::new(),
+            env_allow: vec!["LANG".to_owned(), "LC_*".to_owned(), "TZ".to_owned()],
+            max_sessions_per_bench: nonzero(32),
+            record_dir: Optional(None),
         }
     }
 }
@@ -267,6 +351,38 @@ impl Config {
                 "server.proxy_protocol: PROXY protocol is not supported by this version; \
                  set it to false",
             ));
+        }
+        if config.session.record_dir.0.is_some() {
+            return Err(Error::at(
+                path,
+                text,
+                "record_dir",
+                "session.record_dir: session recording is not supported by this version; set it to \"\"",
+            ));
+        }
+        for endpoint in &config.docker.endpoints.0 {
+            let tls = [&endpoint.tls_ca, &endpoint.tls_cert, &endpoint.tls_key];
+            let set = tls.iter().filter(|t| t.0.is_some()).count();
+            let scheme_ok = endpoint.url.starts_with("unix://")
+                || endpoint.url.starts_with("tcp://")
+                || endpoint.url.starts_with("http://");
+            let problem = if !scheme_ok {
+                Some("must start with unix:// or tcp://")
+            } else if set != 0 && set != 3 {
+                Some("tls_ca, tls_cert and tls_key go together")
+            } else if set == 3 && endpoint.url.starts_with("unix://") {
+                Some("TLS applies to tcp:// endpoints only")
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(Error::at(
+                    path,
+                    text,
+                    &endpoint.url,
+                    format!("docker.endpoints {:?}: {problem}", endpoint.url),
+                ));
+            }
         }
         Ok(config)
     }

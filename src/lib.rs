@@ -6,8 +6,10 @@
 pub mod audit;
 pub mod auth;
 pub mod config;
+pub mod docker;
 pub mod logging;
 pub mod metrics;
+pub mod policy;
 pub mod ssh;
 
 use std::sync::Arc;
@@ -15,8 +17,13 @@ use std::sync::Arc;
 use anyhow::Context as _;
 
 /// Loads what `config` names (CA keys, host keys, audit file) into the server's shared state,
-/// creating missing host keys. Fails with one line naming the file at fault.
-pub fn start(config: &config::Config) -> anyhow::Result<Arc<ssh::server::Shared>> {
+/// creating missing host keys, and starts the bench index, which follows the Docker engines
+/// until `shutdown`. Fails with one line naming the file at fault; an engine that is down is
+/// reported and retried, never fatal.
+pub async fn start(
+    config: &config::Config,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Arc<ssh::server::Shared>> {
     let trust = auth::Trust::load(
         &config.auth.trusted_user_ca_keys.0,
         config.auth.max_cert_lifetime.nonzero().map(|d| d.as_secs()),
@@ -33,7 +40,24 @@ pub fn start(config: &config::Config) -> anyhow::Result<Arc<ssh::server::Shared>
                 .unwrap_or_default()
         )
     })?;
+    let timeout = config.docker.request_timeout.0;
+    let endpoints = config
+        .docker
+        .endpoints
+        .0
+        .iter()
+        .map(|e| docker::Endpoint::new(e, timeout).map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()?;
+    let benches = Arc::new(docker::Index::new(
+        endpoints,
+        config.docker.bench_label.clone(),
+        config.docker.group_label.clone(),
+    ));
+    for error in benches.sync_all().await {
+        tracing::warn!(%error, "docker endpoint unavailable at start; retrying in the background");
+    }
+    benches.watch(shutdown);
     Ok(Arc::new(ssh::server::Shared::new(
-        config, trust, audit, host_keys,
+        config, trust, audit, host_keys, benches,
     )))
 }

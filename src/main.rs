@@ -85,7 +85,8 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         benchgate::logging::init(config.log.format);
-        let shared = benchgate::start(&config)?;
+        let shutdown = CancellationToken::new();
+        let shared = benchgate::start(&config, shutdown.clone()).await?;
         let mut listeners = Vec::new();
         for addr in &config.server.listen.0 {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -97,7 +98,6 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
             benchgate::metrics::install(addr)
                 .with_context(|| format!("metrics.listen: cannot serve on {addr}"))?;
         }
-        let shutdown = CancellationToken::new();
         tokio::spawn(signals(shutdown.clone()));
         tracing::info!(config = %source, listen = ?config.server.listen.0, "benchgate ready");
         benchgate::ssh::server::serve(shared, listeners, shutdown).await;

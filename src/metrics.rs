@@ -18,6 +18,20 @@ pub const AUTH_TOTAL: &str = "benchgate_auth_total";
 pub const REFUSED_REQUESTS_TOTAL: &str = "benchgate_refused_requests_total";
 /// Connections the server ended.
 pub const DISCONNECTS_TOTAL: &str = "benchgate_disconnects_total";
+/// Bench names in the index.
+pub const BENCHES_KNOWN: &str = "benchgate_benches_known";
+/// Docker API failures by operation.
+pub const DOCKER_ERRORS_TOTAL: &str = "benchgate_docker_errors_total";
+/// Sessions open now.
+pub const SESSIONS_ACTIVE: &str = "benchgate_sessions_active";
+/// Sessions by kind and outcome.
+pub const SESSIONS_TOTAL: &str = "benchgate_sessions_total";
+/// Time from a shell/exec request to the process running.
+pub const EXEC_START_SECONDS: &str = "benchgate_exec_start_seconds";
+/// Session lengths.
+pub const SESSION_DURATION_SECONDS: &str = "benchgate_session_duration_seconds";
+/// Bytes through sessions.
+pub const BYTES_TOTAL: &str = "benchgate_bytes_total";
 /// Time from accept to successful authentication.
 pub const HANDSHAKE_SECONDS: &str = "benchgate_handshake_seconds";
 /// Seconds left on certificates at login.
@@ -101,6 +115,16 @@ fn describe() {
     );
     describe_histogram!(HANDSHAKE_SECONDS, "Seconds from accept to authentication");
     describe_histogram!(CERT_REMAINING_SECONDS, "Certificate validity left at login");
+    describe_gauge!(BENCHES_KNOWN, "Bench names in the index");
+    describe_counter!(DOCKER_ERRORS_TOTAL, "Docker API failures by operation");
+    describe_gauge!(SESSIONS_ACTIVE, "Sessions open now, by kind");
+    describe_counter!(SESSIONS_TOTAL, "Sessions by kind and outcome");
+    describe_histogram!(
+        EXEC_START_SECONDS,
+        "Seconds from a shell or exec request to the process running"
+    );
+    describe_histogram!(SESSION_DURATION_SECONDS, "Session lengths in seconds");
+    describe_counter!(BYTES_TOTAL, "Bytes through sessions, by direction");
     for outcome in Outcome::ALL {
         counter!(CONNECTIONS_TOTAL, "outcome" => outcome.label()).absolute(0);
     }
@@ -154,4 +178,51 @@ pub fn refused(request: &'static str) {
 /// The server ended a connection.
 pub fn disconnect(reason: &'static str) {
     counter!(DISCONNECTS_TOTAL, "reason" => reason).increment(1);
+}
+
+/// The index knows `count` bench names.
+pub fn benches_known(count: usize) {
+    gauge!(BENCHES_KNOWN).set(count as f64);
+}
+
+/// A Docker API operation failed.
+pub fn docker_error(op: &'static str) {
+    counter!(DOCKER_ERRORS_TOTAL, "op" => op).increment(1);
+}
+
+/// A session's process started `elapsed` after it was requested.
+pub fn exec_started(elapsed: Duration) {
+    histogram!(EXEC_START_SECONDS).record(elapsed.as_secs_f64());
+}
+
+/// Tracks one open session in [`SESSIONS_ACTIVE`] until dropped.
+#[derive(Debug)]
+pub struct ActiveSession(&'static str);
+
+impl ActiveSession {
+    /// Counts a session of `kind` ("shell" or "exec") as open.
+    pub fn open(kind: &'static str) -> Self {
+        gauge!(SESSIONS_ACTIVE, "kind" => kind).increment(1.0);
+        Self(kind)
+    }
+}
+
+impl Drop for ActiveSession {
+    fn drop(&mut self) {
+        gauge!(SESSIONS_ACTIVE, "kind" => self.0).decrement(1.0);
+    }
+}
+
+/// A session of `kind` ended: `outcome` is "ok", "error" or "client_closed".
+pub fn session_ended(
+    kind: &'static str,
+    outcome: &'static str,
+    duration: Duration,
+    bytes_in: u64,
+    bytes_out: u64,
+) {
+    counter!(SESSIONS_TOTAL, "kind" => kind, "outcome" => outcome).increment(1);
+    histogram!(SESSION_DURATION_SECONDS).record(duration.as_secs_f64());
+    counter!(BYTES_TOTAL, "direction" => "in").increment(bytes_in);
+    counter!(BYTES_TOTAL, "direction" => "out").increment(bytes_out);
 }

@@ -1,5 +1,6 @@
 //! The SSH side: everything that touches russh lives here.
 
+pub mod channel;
 pub mod keys;
 pub mod prechecks;
 pub mod server;

@@ -19,11 +19,13 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::channel::BenchSlots;
 use super::prechecks::{Sink, Watch};
 use super::session::{Connection, Ledger};
 use crate::audit::{Audit, Event, Kind};
 use crate::auth::Trust;
 use crate::config::Config;
+use crate::docker::Index;
 use crate::metrics::{self, Outcome};
 
 /// Everything connections share: policy, audit sink, SSH settings and limits.
@@ -32,6 +34,16 @@ pub struct Shared {
     pub trust: Trust,
     /// Where audit events go.
     pub audit: Audit,
+    /// The bench index across Docker endpoints.
+    pub benches: Arc<Index>,
+    /// What sessions run.
+    pub session: crate::config::Session,
+    /// Sessions per bench.
+    pub bench_slots: BenchSlots,
+    /// Channels one connection may have open.
+    pub max_sessions_per_connection: usize,
+    /// Background work (session teardown) that shutdown waits for.
+    pub tracker: TaskTracker,
     ssh: Arc<SshConfig>,
     login_grace: Duration,
     shutdown_grace: Duration,
@@ -45,7 +57,13 @@ const AUTH_REJECTION_TIME: Duration = Duration::from_millis(20);
 
 impl Shared {
     /// Shared state for a server run by `config`, with its trust set, audit sink and host keys.
-    pub fn new(config: &Config, trust: Trust, audit: Audit, host_keys: Vec<PrivateKey>) -> Self {
+    pub fn new(
+        config: &Config,
+        trust: Trust,
+        audit: Audit,
+        host_keys: Vec<PrivateKey>,
+        benches: Arc<Index>,
+    ) -> Self {
         let server = &config.server;
         let defaults = Preferred::default();
         let preferred = Preferred {
@@ -78,6 +96,11 @@ impl Shared {
         Self {
             trust,
             audit,
+            benches,
+            session: config.session.clone(),
+            bench_slots: BenchSlots::new(config.session.max_sessions_per_bench.get() as usize),
+            max_sessions_per_connection: server.max_sessions_per_connection.get() as usize,
+            tracker: TaskTracker::new(),
             ssh: Arc::new(ssh),
             login_grace: server.login_grace_time.0,
             shutdown_grace: server.shutdown_grace.0,
@@ -108,6 +131,9 @@ pub async fn serve(shared: Arc<Shared>, listeners: Vec<TcpListener>, shutdown: C
     while accepts.join_next().await.is_some() {}
     gate.tracker.close();
     gate.tracker.wait().await;
+    // Session teardowns still running (they end the sessions' container processes).
+    gate.shared.tracker.close();
+    gate.shared.tracker.wait().await;
 }
 
 struct Gate {

@@ -1,19 +1,21 @@
 //! The russh handler: one per connection, deciding authentication and refusing requests.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use russh::keys::ssh_key::{Algorithm, Certificate};
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
-use russh::{Channel, ChannelOpenFailure};
+use russh::{Channel, ChannelId, ChannelOpenFailure};
 use tokio::sync::oneshot;
 
+use super::channel::{self, Pty, Request};
 use super::prechecks::Sink;
 use super::server::{Shared, StartupSlot};
 use crate::audit::{Event, Kind};
 use crate::auth::{self, cert::ca_fingerprint, is_bench_name, Attempt, Grant, Rejection};
-use crate::metrics;
+use crate::{metrics, policy};
 
 /// What one connection has been refused so far that is not yet audited.
 #[derive(Debug, Default)]
@@ -108,6 +110,17 @@ pub struct Connection {
     startup: Option<StartupSlot>,
     on_auth: Option<oneshot::Sender<Grant>>,
     grant: Option<Grant>,
+    /// Session channels that have not started a process yet.
+    pending: HashMap<ChannelId, Opened>,
+    /// Session channels open now, started or not.
+    open_channels: usize,
+}
+
+/// A session channel between its opening and its `shell` or `exec` request.
+struct Opened {
+    channel: Channel<Msg>,
+    pty: Option<Pty>,
+    env: Vec<(String, String)>,
 }
 
 impl Connection {
@@ -128,6 +141,8 @@ impl Connection {
             startup: Some(startup),
             on_auth: Some(on_auth),
             grant: None,
+            pending: HashMap::new(),
+            open_channels: 0,
         }
     }
 
@@ -151,6 +166,53 @@ impl Connection {
             );
         }
         false
+    }
+
+    /// Replies success to `shell`/`exec` on `channel` and starts its process.
+    fn start(
+        &mut self,
+        channel: ChannelId,
+        command: Option<String>,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        let (Some(pending), Some(grant)) = (self.pending.remove(&channel), self.grant.clone())
+        else {
+            session.channel_failure(channel)?;
+            return Ok(());
+        };
+        session.channel_success(channel)?;
+        let request = Request {
+            grant,
+            peer: self.peer,
+            command,
+            pty: pending.pty,
+            env: pending.env,
+        };
+        let shared = self.shared.clone();
+        self.shared
+            .tracker
+            .spawn(channel::run(shared, request, pending.channel));
+        Ok(())
+    }
+
+    /// Replies success (so the client shows the message), then writes `message` on stderr,
+    /// exit status 1, EOF and close.
+    fn refuse_in_channel(
+        &mut self,
+        channel: ChannelId,
+        request: &'static str,
+        message: &'static str,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        self.refuse_request(request);
+        let Some(pending) = self.pending.remove(&channel) else {
+            session.channel_failure(channel)?;
+            return Ok(());
+        };
+        session.channel_success(channel)?;
+        let tty = pending.pty.is_some();
+        tokio::spawn(channel::refuse(pending.channel, message, tty));
+        Ok(())
     }
 
     fn refuse_request(&self, request: &'static str) {
@@ -184,11 +246,6 @@ fn unix_now() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or_default()
 }
-
-/// Message for every channel the client tries to open.
-pub const NO_CHANNELS: &str = "benchgate: this bastion does not open sessions yet";
-/// Message for forwarding channels.
-pub const NO_FORWARDING: &str = "benchgate: forwarding is not available through this bastion";
 
 impl russh::server::Handler for Connection {
     type Error = russh::Error;
@@ -284,12 +341,167 @@ impl russh::server::Handler for Connection {
 
     async fn channel_open_session(
         &mut self,
-        _channel: Channel<Msg>,
+        channel: Channel<Msg>,
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.refuse_channel("session", reply, NO_CHANNELS).await;
+        if self.grant.is_none() {
+            return Ok(());
+        }
+        if self.open_channels >= self.shared.max_sessions_per_connection {
+            self.refuse_channel("session", reply, policy::TOO_MANY_SESSIONS)
+                .await;
+            return Ok(());
+        }
+        self.open_channels += 1;
+        let id = channel.id();
+        self.pending.insert(
+            id,
+            Opened {
+                channel,
+                pty: None,
+                env: Vec::new(),
+            },
+        );
+        reply.accept().await;
         Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.pending.remove(&channel);
+        self.open_channels = self.open_channels.saturating_sub(1);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        col_width: u32,
+        row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let permitted = self.grant.as_ref().is_some_and(|g| g.permit_pty);
+        match self.pending.get_mut(&channel) {
+            Some(pending) if permitted => {
+                pending.pty = Some(Pty {
+                    term: policy::terminal_type(term).to_owned(),
+                    cols: col_width.clamp(1, 10_000),
+                    rows: row_height.clamp(1, 10_000),
+                });
+                session.channel_success(channel)?;
+            }
+            _ => {
+                self.refuse_request("pty-req");
+                session.channel_failure(channel)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let allow = &self.shared.session.env_allow;
+        match self.pending.get_mut(&channel) {
+            Some(pending)
+                if pending.env.len() < policy::MAX_ENV_VARS
+                    && policy::env_allowed(name, value, allow) =>
+            {
+                pending.env.push((name.to_owned(), value.to_owned()));
+                session.channel_success(channel)?;
+            }
+            _ => {
+                tracing::debug!(peer = %self.peer, name = %auth::bounded(name), "env refused");
+                self.refuse_request("env");
+                session.channel_failure(channel)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.start(channel, None, session)
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let forced = self
+            .grant
+            .as_ref()
+            .is_some_and(|g| g.force_command.is_some());
+        match policy::check_command(data) {
+            Ok(command) => self.start(channel, Some(command.to_owned()), session),
+            // A forced command replaces whatever was asked, so it runs even then.
+            Err(policy::CommandRefusal::FileTransfer) if forced => self.start(
+                channel,
+                Some(String::from_utf8_lossy(data).into_owned()),
+                session,
+            ),
+            Err(policy::CommandRefusal::FileTransfer) => self.refuse_in_channel(
+                channel,
+                "exec-file-transfer",
+                policy::FILE_TRANSFER,
+                session,
+            ),
+            Err(policy::CommandRefusal::Malformed) => {
+                self.refuse_request("exec-malformed");
+                session.channel_failure(channel)?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse_in_channel(channel, "subsystem", policy::FILE_TRANSFER, session)
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single_connection: bool,
+        _x11_auth_protocol: &str,
+        _x11_auth_cookie: &str,
+        _x11_screen_number: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse_request("x11-req");
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+
+    async fn agent_request(
+        &mut self,
+        _channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        self.refuse_request("auth-agent-req");
+        Ok(false)
     }
 
     async fn channel_open_x11(
@@ -300,7 +512,7 @@ impl russh::server::Handler for Connection {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.refuse_channel("x11", reply, NO_FORWARDING).await;
+        self.refuse_channel("x11", reply, policy::FORWARDING).await;
         Ok(())
     }
 
@@ -314,7 +526,7 @@ impl russh::server::Handler for Connection {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.refuse_channel("direct-tcpip", reply, NO_FORWARDING)
+        self.refuse_channel("direct-tcpip", reply, policy::FORWARDING)
             .await;
         Ok(())
     }
@@ -326,7 +538,7 @@ impl russh::server::Handler for Connection {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.refuse_channel("direct-streamlocal", reply, NO_FORWARDING)
+        self.refuse_channel("direct-streamlocal", reply, policy::FORWARDING)
             .await;
         Ok(())
     }

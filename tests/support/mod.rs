@@ -15,12 +15,13 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 /// The bench every test certificate is for, unless it says otherwise.
-pub const BENCH: &str = "shop";
+pub const BENCH: &str = "no-container-bench";
 
 /// A running benchgate with its own CA, host key and audit file in a temp dir.
 pub struct Bastion {
     pub dir: TempDir,
     pub addr: SocketAddr,
+    pub shared: Arc<benchgate::ssh::server::Shared>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -71,12 +72,12 @@ impl Bastion {
         config.metrics.listen = Optional(None);
         config.log.audit_file = Optional(Some(dir.path().join("audit.log")));
         edit(dir.path(), &mut config);
-        let shared = benchgate::start(&config).unwrap();
+        let shutdown = CancellationToken::new();
+        let shared = benchgate::start(&config, shutdown.clone()).await.unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
         let task = tokio::spawn(benchgate::ssh::server::serve(
-            shared,
+            shared.clone(),
             vec![listener],
             shutdown.clone(),
         ));
@@ -93,6 +94,7 @@ impl Bastion {
         Self {
             dir,
             addr,
+            shared,
             shutdown,
             task: Some(task),
         }
@@ -252,14 +254,15 @@ pub struct SshResult {
 }
 
 impl SshResult {
-    /// The client authenticated: it got as far as the (refused) session channel.
+    /// The client authenticated and got a session, which said the bench (there is no
+    /// container for it) is not running.
     pub fn assert_authenticated(&self) {
         assert!(
             self.stderr
-                .contains("open failed: administratively prohibited: benchgate:"),
+                .contains("is not running (status: no such bench)"),
             "not authenticated: {self:?}"
         );
-        assert!(!self.stderr.contains("Permission denied"), "{self:?}");
+        assert_eq!(self.code, Some(1), "{self:?}");
     }
 
     /// The client was denied with nothing but OpenSSH's usual line.

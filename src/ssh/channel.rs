@@ -1,0 +1,351 @@
+//! One SSH session channel <-> one process in the bench container: start, pumps both ways,
+//! window changes, exit status, and teardown of everything the session started.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use russh::server::Msg;
+use russh::{Channel, ChannelMsg};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use super::server::Shared;
+use crate::audit::{Event, Kind};
+use crate::auth::Grant;
+use crate::docker::exec::{self, Exec, Spec, MARKER_VAR};
+use crate::docker::{Bench, Lookup};
+use crate::metrics;
+
+/// Runs an interactive shell when the config names none: bash if the image has it.
+const DEFAULT_SHELL: &str =
+    "if command -v bash >/dev/null 2>&1; then exec bash --login; else exec sh -l; fi";
+
+/// A terminal requested with `pty-req`.
+#[derive(Debug, Clone)]
+pub struct Pty {
+    /// Sanitised terminal type.
+    pub term: String,
+    /// Columns.
+    pub cols: u32,
+    /// Rows.
+    pub rows: u32,
+}
+
+/// Everything a channel asked for before `shell` or `exec`.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Who and what for.
+    pub grant: Grant,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The client's command; `None` = a shell.
+    pub command: Option<String>,
+    /// The terminal, if any.
+    pub pty: Option<Pty>,
+    /// Allowed client environment variables.
+    pub env: Vec<(String, String)>,
+}
+
+impl Request {
+    pub fn kind(&self) -> &'static str {
+        match (&self.command, &self.grant.force_command) {
+            (None, None) => "shell",
+            _ => "exec",
+        }
+    }
+}
+
+/// Writes `message` as one stderr line, then exit status 1, EOF and close.
+pub async fn refuse(channel: Channel<Msg>, message: &str, tty: bool) {
+    let mut stderr = channel.make_writer_ext(Some(1));
+    let ending = if tty { "\r\n" } else { "\n" };
+    let _ = stderr
+        .write_all(format!("{message}{ending}").as_bytes())
+        .await;
+    let _ = stderr.flush().await;
+    finish(&channel, 1).await;
+}
+
+async fn finish(channel: &Channel<Msg>, status: u32) {
+    let _ = channel.exit_status(status).await;
+    let _ = channel.eof().await;
+    let _ = channel.close().await;
+}
+
+/// Runs `request` on `channel` until the process ends or the client goes away.
+pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
+    let tty = request.pty.is_some();
+    let bench_name = request.grant.bench.clone();
+    let bench = match shared.benches.lookup(&bench_name) {
+        Lookup::Running(bench) => bench,
+        Lookup::NotRunning(bench) => {
+            let message = format!(
+                "benchgate: bench '{bench_name}' is not running (status: {})",
+                bench.state
+            );
+            return refuse(channel, &message, tty).await;
+        }
+        Lookup::Unknown => {
+            let message =
+                format!("benchgate: bench '{bench_name}' is not running (status: no such bench)");
+            return refuse(channel, &message, tty).await;
+        }
+    };
+    let Some(_slot) = shared.bench_slots.claim(&bench_name) else {
+        let message = format!("benchgate: too many sessions into bench '{bench_name}'");
+        return refuse(channel, &message, tty).await;
+    };
+    let Some(endpoint) = shared.benches.endpoint(bench.endpoint).cloned() else {
+        return refuse(channel, "benchgate: internal error: unknown endpoint", tty).await;
+    };
+    let marker = session_marker();
+    let spec = spec(&shared, &request, &bench, &marker);
+    let started = Instant::now();
+    let exec = match Exec::start(endpoint.clone(), &bench.container, &spec).await {
+        Ok(exec) => exec,
+        Err(e) => {
+            metrics::docker_error(e.op());
+            tracing::warn!(bench = %bench_name, container = %bench.container, error = %e, "cannot start session");
+            let message = format!("benchgate: bench '{bench_name}' is unavailable: its Docker engine did not start the session");
+            refuse(channel, &message, tty).await;
+            // The process may have started before the failure was seen.
+            teardown(
+                &shared,
+                endpoint,
+                bench.container.clone(),
+                spec.user,
+                marker,
+            );
+            return;
+        }
+    };
+    let kind = request.kind();
+    metrics::exec_started(started.elapsed());
+    let _active = metrics::ActiveSession::open(kind);
+    tracing::info!(peer = %request.peer, bench = %bench_name, container = %bench.container, kind, "session started");
+    shared
+        .audit
+        .record(&session_event(Kind::SessionStart, &request, &bench).request(kind));
+
+    let (exec_endpoint, exec_id) = exec.id();
+    let Exec {
+        output, mut input, ..
+    } = exec;
+    let (mut from_client, to_client) = channel.split();
+    let stdout = to_client.make_writer();
+    let stderr = to_client.make_writer_ext(Some(1));
+    let pump_out = async move {
+        if tty {
+            copy_counted(output, stdout).await
+        } else {
+            exec::demux(output, stdout, stderr).await
+        }
+    };
+    let resize_endpoint = exec_endpoint.clone();
+    let resize_id = exec_id.clone();
+    let pump_in = async move {
+        let mut bytes_in = 0u64;
+        while let Some(message) = from_client.wait().await {
+            match message {
+                ChannelMsg::Data { data } => {
+                    bytes_in += data.len() as u64;
+                    if input.write_all(&data).await.is_err() {
+                        break;
+                    }
+                }
+                ChannelMsg::Eof => {
+                    let _ = input.shutdown().await;
+                }
+                ChannelMsg::WindowChange {
+                    col_width,
+                    row_height,
+                    ..
+                } => {
+                    let _ = exec::resize(&resize_endpoint, &resize_id, col_width, row_height).await;
+                }
+                ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        bytes_in
+    };
+    tokio::pin!(pump_out, pump_in);
+    let (outcome, bytes_in, bytes_out) = tokio::select! {
+        out = &mut pump_out => {
+            let status = exit_status(&exec_endpoint, &exec_id, &bench, &to_client, tty).await;
+            let _ = to_client.exit_status(status).await;
+            let _ = to_client.eof().await;
+            let _ = to_client.close().await;
+            (status.to_string(), 0, out.unwrap_or(0))
+        }
+        bytes_in = &mut pump_in => ("client_closed".to_owned(), bytes_in, 0),
+    };
+    let label = match outcome.as_str() {
+        "0" => "ok",
+        "client_closed" => "client_closed",
+        _ => "error",
+    };
+    metrics::session_ended(kind, label, started.elapsed(), bytes_in, bytes_out);
+    tracing::info!(peer = %request.peer, bench = %bench_name, outcome = %outcome, "session ended");
+    shared.audit.record(
+        &session_event(Kind::SessionEnd, &request, &bench)
+            .exit_status(outcome)
+            .bytes(bytes_in, bytes_out)
+            .duration_ms(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)),
+    );
+    // Whatever the session left running (background jobs, a process the client abandoned)
+    // ends with it.
+    teardown(&shared, endpoint, bench.container, spec.user, marker);
+}
+
+/// The exit status to report once the output has ended; tells the user when the container
+/// itself went away.
+async fn exit_status(
+    endpoint: &crate::docker::Endpoint,
+    exec_id: &str,
+    bench: &Bench,
+    to_client: &russh::ChannelWriteHalf<Msg>,
+    tty: bool,
+) -> u32 {
+    let code = exec::exit_code(endpoint, exec_id).await.ok().flatten();
+    let state = exec::container_state(endpoint, &bench.container)
+        .await
+        .unwrap_or_default();
+    if state != "running" {
+        let ending = if tty { "\r\n" } else { "\n" };
+        let message = format!(
+            "benchgate: the bench container stopped during the session (status: {state}){ending}"
+        );
+        let mut stderr = to_client.make_writer_ext(Some(1));
+        let _ = stderr.write_all(message.as_bytes()).await;
+        let _ = stderr.flush().await;
+        return code.filter(|c| *c != 0).map_or(255, |c| c as u32);
+    }
+    code.map_or(255, |c| (c & 0xff) as u32)
+}
+
+async fn copy_counted(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+) -> std::io::Result<u64> {
+    let copied = tokio::io::copy(&mut from, &mut to).await?;
+    to.flush().await?;
+    Ok(copied)
+}
+
+fn teardown(
+    shared: &Arc<Shared>,
+    endpoint: Arc<crate::docker::Endpoint>,
+    container: String,
+    user: String,
+    marker: String,
+) {
+    shared.tracker.spawn(async move {
+        if let Err(e) = exec::terminate(&endpoint, &container, &user, &marker).await {
+            metrics::docker_error(e.op());
+            tracing::warn!(%container, error = %e, "session teardown failed");
+        }
+    });
+}
+
+fn spec(shared: &Shared, request: &Request, bench: &Bench, marker: &str) -> Spec {
+    let session = &shared.session;
+    let cmd = match (&request.grant.force_command, &request.command) {
+        (Some(forced), _) => vec!["sh".to_owned(), "-c".to_owned(), forced.clone()],
+        (None, Some(command)) => vec!["sh".to_owned(), "-c".to_owned(), command.clone()],
+        (None, None) if !session.shell.is_empty() => session.shell.clone(),
+        (None, None) => vec!["sh".to_owned(), "-c".to_owned(), DEFAULT_SHELL.to_owned()],
+    };
+    let mut env: Vec<String> = request
+        .env
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if let Some(pty) = &request.pty {
+        env.push(format!("TERM={}", pty.term));
+    }
+    if let (Some(_), Some(original)) = (&request.grant.force_command, &request.command) {
+        env.push(format!("SSH_ORIGINAL_COMMAND={original}"));
+    }
+    env.push(format!("BENCHGATE_KEY_ID={}", request.grant.key_id));
+    env.push(format!("BENCHGATE_SERIAL={}", request.grant.serial));
+    env.push(format!("BENCHGATE_BENCH={}", request.grant.bench));
+    env.push(format!("{MARKER_VAR}={marker}"));
+    Spec {
+        cmd,
+        user: bench.user.clone().unwrap_or_else(|| session.user.clone()),
+        workdir: bench
+            .workdir
+            .clone()
+            .unwrap_or_else(|| session.working_dir.clone()),
+        env,
+        tty: request.pty.as_ref().map(|p| (p.cols, p.rows)),
+    }
+}
+
+fn session_marker() -> String {
+    let bytes: [u8; 16] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn session_event(kind: Kind, request: &Request, bench: &Bench) -> Event {
+    let grant = &request.grant;
+    let mut event = Event::new(kind, request.peer)
+        .bench(&grant.bench)
+        .certificate(&grant.key_id, grant.serial, grant.ca.clone())
+        .container(&bench.container);
+    if let Some(command) = grant.force_command.as_ref().or(request.command.as_ref()) {
+        event = event.command(command);
+    }
+    event
+}
+
+/// Sessions per bench, against `session.max_sessions_per_bench`.
+#[derive(Debug)]
+pub struct BenchSlots {
+    max: usize,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+/// One session's place in its bench's limit; freed on drop.
+#[derive(Debug)]
+pub struct BenchSlot {
+    bench: String,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+impl BenchSlots {
+    /// At most `max` sessions per bench.
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            open: Arc::default(),
+        }
+    }
+
+    /// A slot for a session into `bench`, unless it has `max` already.
+    pub fn claim(&self, bench: &str) -> Option<BenchSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(bench.to_owned()).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(BenchSlot {
+            bench: bench.to_owned(),
+            open: self.open.clone(),
+        })
+    }
+}
+
+impl Drop for BenchSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.bench) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.bench);
+            }
+        }
+    }
+}
