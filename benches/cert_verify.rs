@@ -47,6 +47,7 @@ fn benches(c: &mut Criterion) {
         (trust_of(&ca), Trust::new(ten_cas, None), trust_of(&rsa_ca));
     let shop = Attempt {
         bench: "shop",
+        group: None,
         peer: Ipv4Addr::new(192, 0, 2, 7).into(),
         now: NOW,
     };

@@ -19,7 +19,7 @@ pub const PERMIT_PTY: &str = "permit-pty";
 /// Checks what OpenSSH's sshd checks for `TrustedUserCAKeys`, and more: the exact CA key, the
 /// CA signature itself (independent of what the SSH library did), no SHA-1 signature, user
 /// type, the half-open window `valid_after <= now < valid_before`, the lifetime limit, a
-/// non-empty principal list with one principal byte-equal to the bench, and only critical
+/// non-empty principal list with one principal byte-equal to the bench or its group, and only critical
 /// options that are enforced.
 pub fn verify(
     cert: &Certificate,
@@ -64,10 +64,10 @@ pub fn rejections(cert: &Certificate, attempt: &Attempt<'_>, trust: &Trust) -> V
     let principals = cert.valid_principals();
     if principals.is_empty() {
         reasons.push(Rejection::NoPrincipals);
-    } else if !principals
-        .iter()
-        .any(|p| p.as_bytes() == attempt.bench.as_bytes())
-    {
+    } else if !principals.iter().any(|p| {
+        p.as_bytes() == attempt.bench.as_bytes()
+            || attempt.group.is_some_and(|g| p.as_bytes() == g.as_bytes())
+    }) {
         reasons.push(Rejection::PrincipalMismatch);
     }
     for (name, value) in cert.critical_options().iter() {
@@ -169,6 +169,7 @@ mod tests {
     fn attempt(bench: &str) -> Attempt<'_> {
         Attempt {
             bench,
+            group: None,
             peer: PEER,
             now: NOW,
         }
@@ -350,6 +351,34 @@ mod tests {
             principal(b, "shop");
         })
         .is_ok());
+    }
+
+    #[test]
+    fn group_principal_grants_the_bench_exactly() {
+        let keys = keys();
+        let cert = cert_with(&keys, &keys.ca, |b| principal(b, "team-a"));
+        let t = trust(&keys);
+        let with_group = |group| Attempt {
+            group,
+            ..attempt("shop")
+        };
+        assert!(verify(&cert, &with_group(Some("team-a")), &t).is_ok());
+        assert_eq!(
+            verify(&cert, &with_group(Some("team-ab")), &t),
+            Err(Rejection::PrincipalMismatch)
+        );
+        assert_eq!(
+            verify(&cert, &with_group(None), &t),
+            Err(Rejection::PrincipalMismatch)
+        );
+        // A group label never turns an empty principal list into "anyone".
+        let empty = cert_with(&keys, &keys.ca, |b| {
+            b.all_principals_valid().ok();
+        });
+        assert_eq!(
+            verify(&empty, &with_group(Some("")), &t),
+            Err(Rejection::NoPrincipals)
+        );
     }
 
     #[test]

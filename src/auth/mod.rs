@@ -158,6 +158,8 @@ pub struct Grant {
 pub struct Attempt<'a> {
     /// The bench named by the SSH user name.
     pub bench: &'a str,
+    /// The bench's group label value, if it has one: a principal equal to it also grants.
+    pub group: Option<&'a str>,
     /// The real client address.
     pub peer: IpAddr,
     /// Unix seconds now.

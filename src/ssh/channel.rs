@@ -208,9 +208,20 @@ async fn exit_status(
     tty: bool,
 ) -> u32 {
     let code = exec::exit_code(endpoint, exec_id).await.ok().flatten();
-    let state = exec::container_state(endpoint, &bench.container)
+    let mut state = exec::container_state(endpoint, &bench.container)
         .await
         .unwrap_or_default();
+    // A process killed by a signal may be the container going down: Docker reports the
+    // container's new state a moment after the exec's.
+    for _ in 0..10 {
+        if state != "running" || code.is_some_and(|c| c < 128) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        state = exec::container_state(endpoint, &bench.container)
+            .await
+            .unwrap_or_default();
+    }
     if state != "running" {
         let ending = if tty { "\r\n" } else { "\n" };
         let message = format!(

@@ -303,8 +303,10 @@ impl russh::server::Handler for Connection {
         if !self.admit_user(user) {
             return Ok(Auth::reject());
         }
+        let group = self.shared.benches.group(user);
         let attempt = Attempt {
             bench: user,
+            group: group.as_deref(),
             peer: self.peer.ip(),
             now: unix_now(),
         };

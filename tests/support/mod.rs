@@ -130,41 +130,86 @@ impl Bastion {
         run("ssh-keygen", &args);
     }
 
-    /// Runs the real `ssh` client as `user` with `key` (and its `-cert.pub` if present),
-    /// `extra` options before the destination, running `true`.
-    pub async fn ssh(&self, user: &str, key: &Path, extra: &[&str]) -> SshResult {
+    /// The options every OpenSSH client here gets: no config, no agent, only `key` (and its
+    /// `-cert.pub`), the host key pinned.
+    pub fn client_options(&self, key: &Path) -> Vec<String> {
         let known_hosts = format!("UserKnownHostsFile={}", self.path("known_hosts").display());
-        let port = self.addr.port().to_string();
-        let mut cmd = Command::new("ssh");
-        cmd.args([
+        [
             "-F",
             "none",
             "-o",
             "BatchMode=yes",
             "-o",
             "IdentitiesOnly=yes",
-        ])
-        .args([
             "-o",
             "IdentityAgent=none",
             "-o",
             "StrictHostKeyChecking=yes",
             "-o",
             "ConnectTimeout=10",
-        ])
-        .args(["-o", &known_hosts, "-i", key.to_str().unwrap(), "-p", &port])
-        .args(extra)
-        .arg(format!("{user}@127.0.0.1"))
-        .arg("true")
-        .kill_on_drop(true);
-        let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
-            .await
-            .expect("ssh did not finish within 30 s")
-            .expect("cannot run ssh");
-        SshResult {
-            code: out.status.code(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            "-o",
+            &known_hosts,
+            "-i",
+            key.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// An `ssh` command line (for tmux) as `user` with `key`, `extra` options, then `command`.
+    pub fn ssh_line(&self, user: &str, key: &Path, extra: &[&str], command: &str) -> String {
+        let mut words = vec!["ssh".to_owned()];
+        words.extend(self.client_options(key));
+        words.extend(["-p".to_owned(), self.addr.port().to_string()]);
+        words.extend(extra.iter().map(|s| s.to_string()));
+        words.push(format!("{user}@127.0.0.1"));
+        if !command.is_empty() {
+            words.push(format!("'{command}'"));
         }
+        words.join(" ")
+    }
+
+    /// Runs `ssh` as `user` with `key`, `extra` options, running `command` with `stdin`.
+    pub async fn exec(
+        &self,
+        user: &str,
+        key: &Path,
+        extra: &[&str],
+        command: &str,
+        stdin: &[u8],
+    ) -> Run {
+        let mut cmd = Command::new("ssh");
+        cmd.args(self.client_options(key))
+            .args(["-p", &self.addr.port().to_string()])
+            .args(extra)
+            .arg(format!("{user}@127.0.0.1"))
+            .arg(command);
+        run_client(cmd, stdin).await
+    }
+
+    /// Runs the real `ssh` client as `user` with `key` (and its `-cert.pub` if present),
+    /// `extra` options before the destination, running `true`.
+    pub async fn ssh(&self, user: &str, key: &Path, extra: &[&str]) -> SshResult {
+        let run = self.exec(user, key, extra, "true", b"").await;
+        SshResult {
+            code: run.code,
+            stderr: run.stderr,
+        }
+    }
+
+    /// Waits (bounded) until the index shows `bench` running.
+    pub async fn wait_for_bench(&self, bench: &str) {
+        for _ in 0..200 {
+            if matches!(
+                self.shared.benches.lookup(bench),
+                benchgate::docker::Lookup::Running(_)
+            ) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("bench {bench} never showed up running in the index");
     }
 
     /// Audit events so far, parsed.
@@ -246,6 +291,45 @@ impl Drop for Bastion {
     }
 }
 
+/// What a client command did.
+#[derive(Debug)]
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
+/// Runs a client command feeding it `stdin`, with a 60 s guard against hangs.
+pub async fn run_client(mut cmd: Command, stdin: &[u8]) -> Run {
+    use tokio::io::AsyncWriteExt;
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("cannot run the client");
+    let mut input = child.stdin.take().unwrap();
+    let data = stdin.to_vec();
+    let feeder = tokio::spawn(async move {
+        let _ = input.write_all(&data).await;
+    });
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("client did not finish within 60 s")
+        .unwrap();
+    feeder.abort();
+    Run {
+        code: out.status.code(),
+        stdout: out.stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 /// What the `ssh` client did.
 #[derive(Debug)]
 pub struct SshResult {
@@ -275,5 +359,86 @@ impl SshResult {
     }
 }
 
-/// Shared handle for tests that need the bastion from several tasks.
-pub type SharedBastion = Arc<Bastion>;
+/// The bench image, built once per test binary by `scripts/bench-image.sh`.
+pub fn bench_image() -> &'static str {
+    static IMAGE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench-image.sh");
+        let out = std::process::Command::new("bash").arg(script).output().unwrap();
+        assert!(
+            out.status.success(),
+            "cannot build the bench image (is a Docker engine running? `bash scripts/setup.sh` starts one): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    })
+}
+
+/// A bench container for one test, removed when dropped (even on failure).
+pub struct Container {
+    pub name: String,
+    pub bench: String,
+}
+
+impl Container {
+    /// Starts a container labelled as bench `bench-<unique>`, plus `labels` ("k=v").
+    pub fn start(labels: &[&str]) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let unique = format!(
+            "{}-{}-{:x}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            rand::random::<u32>()
+        );
+        let name = format!("bg-test-{unique}");
+        let bench = format!("bench-{unique}");
+        let mut args = vec![
+            "run".to_owned(),
+            "-d".to_owned(),
+            "--name".to_owned(),
+            name.clone(),
+        ];
+        args.extend(["--label".to_owned(), format!("benchgate.bench={bench}")]);
+        for label in labels {
+            args.extend(["--label".to_owned(), label.to_string()]);
+        }
+        args.extend([
+            bench_image().to_owned(),
+            "sleep".to_owned(),
+            "1000000".to_owned(),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run("docker", &args);
+        Self { name, bench }
+    }
+
+    /// Command lines of the processes in the container other than its init `sleep`.
+    pub fn processes(&self) -> Vec<String> {
+        let out = run("docker", &["exec", &self.name, "ps", "-o", "pid,args"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .map(|l| l.trim().to_owned())
+            .filter(|l| !l.starts_with("1 ") && !l.contains("ps -o"))
+            .collect()
+    }
+
+    /// Waits (bounded, 5 s) until no process matching `needle` is left.
+    pub async fn wait_gone(&self, needle: &str) {
+        for _ in 0..50 {
+            if !self.processes().iter().any(|p| p.contains(needle)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{needle:?} still running 5 s later: {:?}", self.processes());
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("docker")
+            .args(["rm", "-f", &self.name])
+            .output();
+    }
+}

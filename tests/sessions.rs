@@ -1,0 +1,588 @@
+//! Bench sessions end to end: the real `ssh` client, the real daemon and real containers on
+//! the real Docker engine (a busybox image the tests build themselves).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use support::{run, Bastion, Container};
+
+const VALID: &str = "-5m:+6h";
+
+/// A bastion, a running bench container with `labels`, and a key whose certificate names
+/// the bench (plus `sign_args`).
+async fn setup(labels: &[&str], sign_args: &[&str]) -> (Bastion, Container, PathBuf) {
+    let container = Container::start(labels);
+    let bastion = Bastion::start(|_, _| {}).await;
+    let mut args = vec!["-n", container.bench.as_str(), "-V", VALID];
+    args.extend_from_slice(sign_args);
+    let key = bastion.user_with_cert("user", "ca", &args);
+    bastion.wait_for_bench(&container.bench).await;
+    (bastion, container, key)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn command_output_and_exit_status_reach_the_client() {
+    let (bastion, bench, key) = setup(&[], &[]).await;
+    let run = bastion
+        .exec(
+            &bench.bench,
+            &key,
+            &[],
+            "echo hi; echo oops >&2; exit 7",
+            b"",
+        )
+        .await;
+    assert_eq!(run.stdout_text(), "hi\n");
+    assert_eq!(run.stderr, "oops\n");
+    assert_eq!(run.code, Some(7));
+    let run = bastion
+        .exec(
+            &bench.bench,
+            &key,
+            &[],
+            "id -un; pwd; echo $BENCHGATE_BENCH $BENCHGATE_SERIAL",
+            b"",
+        )
+        .await;
+    assert_eq!(
+        run.stdout_text(),
+        format!("frappe\n/home/frappe/frappe-bench\n{} 77\n", bench.bench)
+    );
+    assert_eq!(run.code, Some(0));
+
+    let events = bastion.audit_after_closed(2).await;
+    let end = events.iter().find(|e| e["event"] == "session.end").unwrap();
+    assert_eq!(end["exit_status"], "7");
+    assert_eq!(end["bench"], bench.bench.as_str());
+    assert_eq!(end["command"], "echo hi; echo oops >&2; exit 7");
+    assert!(end["container"].as_str().unwrap().len() == 64, "{end}");
+    assert!(events.iter().any(|e| e["event"] == "session.start"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn labels_override_user_and_working_directory() {
+    let (bastion, bench, key) =
+        setup(&["benchgate.user=other", "benchgate.workdir=/tmp"], &[]).await;
+    let run = bastion
+        .exec(&bench.bench, &key, &[], "id -un; pwd", b"")
+        .await;
+    assert_eq!(run.stdout_text(), "other\n/tmp\n", "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_mebibyte_of_random_bytes_crosses_intact_both_ways() {
+    let (bastion, bench, key) = setup(&[], &[]).await;
+    let data: Vec<u8> = (0..1 << 20).map(|_| rand::random::<u8>()).collect();
+    let echoed = bastion.exec(&bench.bench, &key, &[], "cat", &data).await;
+    assert_eq!(echoed.code, Some(0), "{}", echoed.stderr);
+    assert!(
+        echoed.stdout == data,
+        "client -> container -> client changed the bytes"
+    );
+
+    // Container -> client: compare with a checksum computed in the container.
+    let run = bastion
+        .exec(
+            &bench.bench,
+            &key,
+            &[],
+            "head -c 1048576 /dev/urandom > /tmp/r; cat /tmp/r",
+            b"",
+        )
+        .await;
+    assert_eq!(run.stdout.len(), 1 << 20);
+    let sum = bastion
+        .exec(&bench.bench, &key, &[], "md5sum < /tmp/r", b"")
+        .await;
+    let local = run_md5(&run.stdout);
+    assert_eq!(
+        sum.stdout_text().split_whitespace().next(),
+        Some(local.as_str())
+    );
+}
+
+fn run_md5(data: &[u8]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data");
+    std::fs::write(&path, data).unwrap();
+    let out = run("md5sum", &[path.to_str().unwrap()]);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tty_output_keeps_low_bytes_at_the_start_of_a_read() {
+    let (bastion, bench, key) = setup(&[], &[]).await;
+    let run = bastion
+        .exec(
+            &bench.bench,
+            &key,
+            &["-tt"],
+            r"printf '\001\000\002abc'",
+            b"",
+        )
+        .await;
+    assert!(
+        run.stdout.starts_with(b"\x01\x00\x02abc"),
+        "{:?}",
+        run.stdout
+    );
+    assert_eq!(run.code, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stdin_eof_reaches_a_command_without_tty() {
+    let (bastion, bench, key) = setup(&[], &[]).await;
+    let run = bastion
+        .exec(&bench.bench, &key, &[], "wc -c", b"12345")
+        .await;
+    assert_eq!(run.stdout_text().trim(), "5");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_env_passes_only_when_allowed() {
+    let (bastion, bench, key) = setup(&[], &[]).await;
+    let mut cmd = tokio::process::Command::new("ssh");
+    cmd.args(bastion.client_options(&key))
+        .args([
+            "-p",
+            &bastion.addr.port().to_string(),
+            "-o",
+            "SendEnv=LANG SECRET_TOKEN",
+        ])
+        .arg(format!("{}@127.0.0.1", bench.bench))
+        .arg("echo lang=$LANG secret=$SECRET_TOKEN")
+        .env("LANG", "C.UTF-8")
+        .env("SECRET_TOKEN", "s3cr3t");
+    let run = support::run_client(cmd, b"").await;
+    assert_eq!(run.stdout_text(), "lang=C.UTF-8 secret=\n");
+    let events = bastion.audit_after_closed(1).await;
+    assert!(events
+        .iter()
+        .any(|e| e["event"] == "request.refused" && e["request"] == "env"));
+}
+
+struct Tmux(String);
+
+impl Tmux {
+    fn start(command: &str) -> Self {
+        let name = format!("bg-{:x}", rand::random::<u64>());
+        run(
+            "tmux",
+            &[
+                "new-session",
+                "-d",
+                "-s",
+                &name,
+                "-x",
+                "100",
+                "-y",
+                "30",
+                command,
+            ],
+        );
+        Self(name)
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", &self.0];
+        args.extend_from_slice(keys);
+        run("tmux", &args);
+    }
+
+    fn screen(&self) -> String {
+        let out = std::process::Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", &self.0])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits (bounded, 10 s) until the screen shows `text`.
+    async fn wait_for(&self, text: &str) {
+        for _ in 0..100 {
+            if self.screen().contains(text) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("screen never showed {text:?}:\n{}", self.screen());
+    }
+
+    fn alive(&self) -> bool {
+        std::process::Command::new("tmux")
+            .args(["has-session", "-t", &self.0])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tmux")
+            .args(["kill-session", "-t", &self.0])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn terminal_size_follows_the_client_and_ctrl_c_interrupts() {
+    let (bastion, bench, key) = setup(&[], &[]).await;
+    let tmux = Tmux::start(&bastion.ssh_line(&bench.bench, &key, &[], ""));
+    tmux.wait_for("frappe-bench $").await;
+    tmux.keys(&["stty size", "Enter"]);
+    tmux.wait_for("30 100").await;
+    run(
+        "tmux",
+        &["resize-window", "-t", &tmux.0, "-x", "120", "-y", "40"],
+    );
+    tmux.keys(&["clear; stty size", "Enter"]);
+    tmux.wait_for("40 120").await;
+    tmux.keys(&["sleep 600; echo slept", "Enter"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tmux.keys(&["C-c"]);
+    tmux.keys(&["echo interrupted-$((6*7))", "Enter"]);
+    tmux.wait_for("interrupted-42").await;
+    assert!(
+        !tmux.screen().lines().any(|l| l.trim() == "slept"),
+        "{}",
+        tmux.screen()
+    );
+    assert!(!bench.processes().iter().any(|p| p.contains("sleep 600")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn background_job_ends_with_the_interactive_shell() {
+    let (bastion, bench, key) = setup(&[], &[]).await;
+    let tmux = Tmux::start(&bastion.ssh_line(&bench.bench, &key, &[], ""));
+    tmux.wait_for("frappe-bench $").await;
+    tmux.keys(&["sleep 777 &", "Enter"]);
+    tmux.keys(&["echo started-$((1+1))", "Enter"]);
+    tmux.wait_for("started-2").await;
+    assert!(bench.processes().iter().any(|p| p.contains("sleep 777")));
+    tmux.keys(&["exit", "Enter"]);
+    for _ in 0..100 {
+        if !tmux.alive() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bench.wait_gone("sleep 777").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_client_leaves_nothing_running() {
+    let (bastion, bench, key) = setup(&[], &[]).await;
+    let mut cmd = tokio::process::Command::new("ssh");
+    cmd.args(bastion.client_options(&key))
+        .args(["-p", &bastion.addr.port().to_string()])
+        .arg(format!("{}@127.0.0.1", bench.bench))
+        .arg("sleep 1000")
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap();
+    for _ in 0..100 {
+        if bench.processes().iter().any(|p| p.contains("sleep 1000")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        bench.processes().iter().any(|p| p.contains("sleep 1000")),
+        "the command never started"
+    );
+    child.start_kill().unwrap(); // SIGKILL
+    child.wait().await.unwrap();
+    bench.wait_gone("sleep 1000").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stopped_container_ends_the_session_with_a_message() {
+    let (bastion, bench, key) = setup(&[], &[]).await;
+    let session = bastion.exec(&bench.bench, &key, &[], "sleep 1000", b"");
+    let stopper = async {
+        for _ in 0..100 {
+            if bench.processes().iter().any(|p| p.contains("sleep 1000")) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        run("docker", &["kill", &bench.name]);
+    };
+    let (run, ()) = tokio::join!(session, stopper);
+    assert_ne!(run.code, Some(0), "{run:?}");
+    assert!(run.stderr.contains("stopped during the session"), "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_and_stopped_benches_say_so() {
+    let (bastion, bench, key) = setup(&[], &[]).await;
+    run("docker", &["stop", "-t", "0", &bench.name]);
+    let mut said = String::new();
+    for _ in 0..100 {
+        let run = bastion.exec(&bench.bench, &key, &[], "true", b"").await;
+        said = run.stderr;
+        if said.contains("(status: exited)") {
+            assert_eq!(run.code, Some(1));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        said.contains(&format!(
+            "benchgate: bench '{}' is not running (status: exited)",
+            bench.bench
+        )),
+        "{said}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn file_transfer_and_forwarding_are_refused_with_a_message() {
+    let (bastion, bench, key) = setup(&[], &[]).await;
+    let port = bastion.addr.port().to_string();
+    let target = format!("{}@127.0.0.1", bench.bench);
+    let options = bastion.client_options(&key);
+    let local = bastion.path("upload.txt");
+    std::fs::write(&local, "data").unwrap();
+    let remote = format!("{target}:/tmp/upload.txt");
+    let message = "file transfer (sftp/scp) is not available through this bastion";
+
+    let mut sftp = tokio::process::Command::new("sftp");
+    sftp.args(&options).args(["-P", &port, &target]);
+    let mut scp = tokio::process::Command::new("scp");
+    scp.args(&options)
+        .args(["-P", &port, local.to_str().unwrap(), &remote]);
+    let mut scp_legacy = tokio::process::Command::new("scp");
+    scp_legacy
+        .args(&options)
+        .args(["-O", "-P", &port, local.to_str().unwrap(), &remote]);
+    let mut rsync = tokio::process::Command::new("rsync");
+    let rsh = format!("ssh {} -p {port}", options.join(" "));
+    rsync.args(["-e", &rsh, local.to_str().unwrap(), &remote]);
+    for (name, cmd) in [
+        ("sftp", sftp),
+        ("scp", scp),
+        ("scp -O", scp_legacy),
+        ("rsync", rsync),
+    ] {
+        let started = std::time::Instant::now();
+        let run = support::run_client(cmd, b"").await;
+        assert_ne!(run.code, Some(0), "{name}: {run:?}");
+        assert!(run.stderr.contains(message), "{name}: {run:?}");
+        assert!(started.elapsed() < Duration::from_secs(20), "{name} hung");
+    }
+    assert!(!bench
+        .processes()
+        .iter()
+        .any(|p| p.contains("scp") || p.contains("rsync")));
+
+    let forwarding = [
+        (vec!["-W", "127.0.0.1:22"], "administratively prohibited"),
+        (
+            vec![
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                "0:127.0.0.1:22",
+                "-N",
+            ],
+            "remote port forwarding failed",
+        ),
+    ];
+    for (extra, expected) in forwarding {
+        let run = bastion.exec(&bench.bench, &key, &extra, "", b"").await;
+        assert_ne!(run.code, Some(0), "{extra:?}: {run:?}");
+        assert!(run.stderr.contains(expected), "{extra:?}: {run:?}");
+    }
+    let events = bastion.audit_after_closed(6).await;
+    for request in [
+        "subsystem",
+        "exec-file-transfer",
+        "direct-tcpip",
+        "tcpip-forward",
+    ] {
+        assert!(
+            events
+                .iter()
+                .any(|e| e["event"] == "request.refused" && e["request"] == request),
+            "no refusal of {request}: {events:#?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn local_and_dynamic_forwards_are_refused_when_used() {
+    let (bastion, bench, key) = setup(&[], &[]).await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (local_port, dynamic_port) = {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        (
+            a.local_addr().unwrap().port(),
+            b.local_addr().unwrap().port(),
+        )
+    };
+    let target = listener.local_addr().unwrap().port();
+    let mut cmd = tokio::process::Command::new("ssh");
+    cmd.args(bastion.client_options(&key))
+        .args(["-p", &bastion.addr.port().to_string(), "-N"])
+        .args(["-L", &format!("{local_port}:127.0.0.1:{target}")])
+        .args(["-D", &dynamic_port.to_string()])
+        .arg(format!("{}@127.0.0.1", bench.bench))
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap();
+    // Use the local forward: the bastion refuses the channel, so the connection closes.
+    let mut used = false;
+    for _ in 0..100 {
+        if let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", local_port)).await {
+            use tokio::io::AsyncReadExt;
+            let mut buf = [0u8; 16];
+            let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap_or(0);
+            assert_eq!(n, 0, "a forwarded connection got data");
+            used = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(used, "ssh -L never listened");
+    // Use the dynamic forward with a SOCKS5 connect request.
+    let mut socks = tokio::net::TcpStream::connect(("127.0.0.1", dynamic_port))
+        .await
+        .unwrap();
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        socks.write_all(&[5, 1, 0]).await.unwrap();
+        let mut hello = [0u8; 2];
+        socks.read_exact(&mut hello).await.unwrap();
+        let mut request = vec![5, 1, 0, 1, 127, 0, 0, 1];
+        request.extend_from_slice(&target.to_be_bytes());
+        socks.write_all(&request).await.unwrap();
+        let mut reply = [0u8; 10];
+        let n = tokio::time::timeout(Duration::from_secs(10), socks.read(&mut reply))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        assert!(
+            n == 0 || reply[1] != 0,
+            "SOCKS connect succeeded: {reply:?}"
+        );
+    }
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let events = bastion.audit_after_closed(1).await;
+    let refusals = events
+        .iter()
+        .filter(|e| e["event"] == "request.refused" && e["request"] == "direct-tcpip")
+        .count();
+    assert!(refusals >= 2, "{events:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_and_x11_forwarding_are_refused() {
+    let (bastion, bench, key) = setup(&[], &[]).await;
+    let agent_sock = bastion.path("agent.sock");
+    let agent = std::process::Command::new("ssh-agent")
+        .args(["-D", "-a", agent_sock.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+        }
+    }
+    let _agent = Kill(agent);
+    for _ in 0..50 {
+        if agent_sock.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut cmd = tokio::process::Command::new("ssh");
+    let mut options = bastion.client_options(&key);
+    let agent_option = format!("IdentityAgent={}", agent_sock.display());
+    if let Some(pos) = options.iter().position(|o| o == "IdentityAgent=none") {
+        options[pos] = agent_option;
+    }
+    cmd.args(options)
+        .args(["-p", &bastion.addr.port().to_string(), "-A", "-X"])
+        .arg(format!("{}@127.0.0.1", bench.bench))
+        .arg("echo agent=$SSH_AUTH_SOCK display=$DISPLAY")
+        .env("DISPLAY", ":0");
+    let run = support::run_client(cmd, b"").await;
+    assert_eq!(run.stdout_text(), "agent= display=\n", "{run:?}");
+    assert!(
+        run.stderr.contains("X11 forwarding request failed"),
+        "{run:?}"
+    );
+    let events = bastion.audit_after_closed(1).await;
+    for request in ["auth-agent-req", "x11-req"] {
+        assert!(
+            events
+                .iter()
+                .any(|e| e["event"] == "request.refused" && e["request"] == request),
+            "{request}: {events:#?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cert_without_permit_pty_gets_no_terminal_but_can_exec() {
+    let (bastion, bench, key) = setup(&[], &["-O", "no-pty"]).await;
+    // With -tt the OpenSSH client itself gives up when the PTY is refused.
+    let run = bastion.exec(&bench.bench, &key, &["-tt"], "tty", b"").await;
+    assert!(
+        run.stderr.contains("PTY allocation request failed"),
+        "{run:?}"
+    );
+    let run = bastion
+        .exec(&bench.bench, &key, &[], "tty; echo ran", b"")
+        .await;
+    assert_eq!(run.stdout_text(), "not a tty\nran\n", "{run:?}");
+    let events = bastion.audit_after_closed(2).await;
+    assert!(events
+        .iter()
+        .any(|e| e["event"] == "request.refused" && e["request"] == "pty-req"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn force_command_runs_instead_of_the_request() {
+    let (bastion, bench, key) = setup(
+        &[],
+        &["-O", "force-command=echo forced: $SSH_ORIGINAL_COMMAND"],
+    )
+    .await;
+    let run = bastion
+        .exec(&bench.bench, &key, &[], "echo asked", b"")
+        .await;
+    assert_eq!(run.stdout_text(), "forced: echo asked\n");
+    // Even file transfer requests get only the forced command.
+    let run = bastion
+        .exec(&bench.bench, &key, &[], "scp -t /tmp", b"")
+        .await;
+    assert_eq!(run.stdout_text(), "forced: scp -t /tmp\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn group_principal_grants_its_benches() {
+    let container = Container::start(&["benchgate.group=team-blue"]);
+    let bastion = Bastion::start(|_, _| {}).await;
+    let key = bastion.user_with_cert("user", "ca", &["-n", "team-blue", "-V", VALID]);
+    bastion.wait_for_bench(&container.bench).await;
+    let run = bastion
+        .exec(&container.bench, &key, &[], "echo in", b"")
+        .await;
+    assert_eq!(run.stdout_text(), "in\n", "{run:?}");
+}
