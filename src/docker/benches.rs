@@ -168,7 +168,7 @@ impl Index {
             ("type".to_owned(), vec!["container".to_owned()]),
             ("label".to_owned(), vec![self.bench_label.clone()]),
         ]);
-        let api = endpoint.api();
+        let api = endpoint.api()?;
         let mut events = api.events(Some(EventsOptions {
             filters: Some(filters),
             ..Default::default()
@@ -198,7 +198,7 @@ impl Index {
             ..Default::default()
         };
         let containers = endpoint
-            .bounded("list", endpoint.api().list_containers(Some(options)))
+            .bounded("list", endpoint.api()?.list_containers(Some(options)))
             .await?;
         let mut by_name: HashMap<String, Vec<Bench>> = HashMap::new();
         for container in containers {

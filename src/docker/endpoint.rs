@@ -27,11 +27,24 @@ enum Dial {
     },
 }
 
+/// How to build the API client (bollard refuses to build one for a missing unix socket, so
+/// this waits until the engine is first reached).
+enum Client {
+    Unix,
+    Http,
+    Tls {
+        ca: PathBuf,
+        cert: PathBuf,
+        key: PathBuf,
+    },
+}
+
 /// One Docker engine.
 pub struct Endpoint {
     /// The configured URL, as logs and errors name it.
     pub url: String,
-    api: RwLock<Docker>,
+    client: Client,
+    api: RwLock<Option<Docker>>,
     dial: Dial,
     timeout: Duration,
 }
@@ -40,18 +53,16 @@ pub struct Endpoint {
 const MAX_RESPONSE_HEAD_BYTES: usize = 16 * 1024;
 
 impl Endpoint {
-    /// A client for `endpoint` whose every request is bounded by `timeout`. Does not connect.
+    /// An endpoint for `endpoint` whose every request is bounded by `timeout`. Does not
+    /// connect; fails only on unusable TLS files.
     pub fn new(endpoint: &config::Endpoint, timeout: Duration) -> Result<Self, Error> {
         let url = endpoint.url.clone();
         let config_error = |reason: String| Error::Config {
             endpoint: url.clone(),
             reason,
         };
-        let secs = timeout.as_secs().max(1);
-        let (api, dial) = if let Some(path) = url.strip_prefix("unix://") {
-            let api = Docker::connect_with_unix(&url, secs, API_DEFAULT_VERSION)
-                .map_err(|e| config_error(e.to_string()))?;
-            (api, Dial::Unix(PathBuf::from(path)))
+        let (client, dial) = if let Some(path) = url.strip_prefix("unix://") {
+            (Client::Unix, Dial::Unix(PathBuf::from(path)))
         } else {
             let addr = url
                 .trim_start_matches("tcp://")
@@ -64,9 +75,6 @@ impl Endpoint {
                 &endpoint.tls_key.0,
             ) {
                 (Some(ca), Some(cert), Some(key)) => {
-                    let api =
-                        Docker::connect_with_ssl(&url, key, cert, ca, secs, API_DEFAULT_VERSION)
-                            .map_err(|e| config_error(e.to_string()))?;
                     let host = addr
                         .rsplit_once(':')
                         .map_or(addr.as_str(), |(host, _)| host)
@@ -74,8 +82,13 @@ impl Endpoint {
                     let server_name = pki_types::ServerName::try_from(host)
                         .map_err(|e| config_error(e.to_string()))?;
                     let connector = tls_connector(ca, cert, key).map_err(config_error)?;
+                    let client = Client::Tls {
+                        ca: ca.clone(),
+                        cert: cert.clone(),
+                        key: key.clone(),
+                    };
                     (
-                        api,
+                        client,
                         Dial::Tls {
                             addr,
                             server_name,
@@ -83,44 +96,71 @@ impl Endpoint {
                         },
                     )
                 }
-                _ => {
-                    let api = Docker::connect_with_http(&url, secs, API_DEFAULT_VERSION)
-                        .map_err(|e| config_error(e.to_string()))?;
-                    (api, Dial::Tcp(addr))
-                }
+                _ => (Client::Http, Dial::Tcp(addr)),
             }
         };
         Ok(Self {
             url,
-            api: RwLock::new(api),
+            client,
+            api: RwLock::new(None),
             dial,
             timeout,
         })
     }
 
-    /// Agrees on an API version with the engine (bollard's default is newer than many engines).
+    fn connect(&self) -> Result<Docker, Error> {
+        let secs = self.timeout.as_secs().max(1);
+        let url = &self.url;
+        let client = match &self.client {
+            Client::Unix => Docker::connect_with_unix(url, secs, API_DEFAULT_VERSION),
+            Client::Http => Docker::connect_with_http(url, secs, API_DEFAULT_VERSION),
+            Client::Tls { ca, cert, key } => {
+                Docker::connect_with_ssl(url, key, cert, ca, secs, API_DEFAULT_VERSION)
+            }
+        };
+        client.map_err(|e| Error::Unreachable {
+            endpoint: url.clone(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Connects if needed and agrees on an API version with the engine (bollard's default is
+    /// newer than many engines accept).
     pub async fn negotiate(&self) -> Result<(), Error> {
         let api = self
-            .bounded("version", self.api().negotiate_version())
+            .bounded("version", self.connect()?.negotiate_version())
             .await?;
-        *self.api.write().unwrap_or_else(|p| p.into_inner()) = api;
+        *self.api.write().unwrap_or_else(|p| p.into_inner()) = Some(api);
         Ok(())
     }
 
-    /// The API client (after [`Endpoint::negotiate`], at a version the engine accepts).
-    pub fn api(&self) -> Docker {
-        self.api.read().unwrap_or_else(|p| p.into_inner()).clone()
+    /// The API client, at the negotiated version; an error until the engine was first reached.
+    pub fn api(&self) -> Result<Docker, Error> {
+        self.api
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| Error::Unreachable {
+                endpoint: self.url.clone(),
+                reason: "not reached yet".into(),
+            })
     }
 
     /// Whether exec creation takes `ConsoleSize` (API 1.42 and later).
     pub fn has_console_size(&self) -> bool {
-        let v = self.api().client_version();
+        let Ok(api) = self.api() else {
+            return false;
+        };
+        let v = api.client_version();
         (v.major_version, v.minor_version) >= (1, 42)
     }
 
     /// The negotiated API version, as in request paths ("1.41").
     pub fn version(&self) -> String {
-        let v = self.api().client_version();
+        let Ok(api) = self.api() else {
+            return "1.41".to_owned();
+        };
+        let v = api.client_version();
         format!("{}.{}", v.major_version, v.minor_version)
     }
 
@@ -154,7 +194,7 @@ impl Endpoint {
             },
             other => Error::Unreachable {
                 endpoint: self.url.clone(),
-                reason: other.to_string(),
+                reason: with_causes(&other),
             },
         }
     }
@@ -273,6 +313,8 @@ async fn read_head(stream: &mut Box<dyn Io>) -> std::io::Result<(String, Vec<u8>
 fn tls_connector(ca: &Path, cert: &Path, key: &Path) -> Result<tokio_rustls::TlsConnector, String> {
     use pki_types::pem::PemObject;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // bollard's TLS client looks its key provider up process-wide.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut roots = rustls::RootCertStore::empty();
     for cert in pki_types::CertificateDer::pem_file_iter(ca)
         .map_err(|e| format!("tls_ca {}: {e}", ca.display()))?
@@ -294,4 +336,16 @@ fn tls_connector(ca: &Path, cert: &Path, key: &Path) -> Result<tokio_rustls::Tls
         .with_client_auth_cert(chain, key)
         .map_err(|e| e.to_string())?;
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// `error` and its chain of causes, as one line: hyper's errors say little on their own.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
 }

@@ -76,7 +76,10 @@ impl Exec {
             config
         };
         let created = endpoint
-            .bounded("exec_create", endpoint.api().create_exec(container, config))
+            .bounded(
+                "exec_create",
+                endpoint.api()?.create_exec(container, config),
+            )
             .await?;
         let body = json!({ "Detach": false, "Tty": spec.tty.is_some() }).to_string();
         let (prefix, stream) = endpoint
@@ -115,7 +118,7 @@ pub async fn resize(endpoint: &Endpoint, id: &str, cols: u32, rows: u32) -> Resu
         h: rows.clamp(1, 10_000) as i32,
     };
     endpoint
-        .bounded("exec_resize", endpoint.api().resize_exec(id, options))
+        .bounded("exec_resize", endpoint.api()?.resize_exec(id, options))
         .await
 }
 
@@ -124,7 +127,7 @@ pub async fn exit_code(endpoint: &Endpoint, id: &str) -> Result<Option<i64>, Err
     let deadline = tokio::time::Instant::now() + EXIT_CODE_WAIT;
     loop {
         let inspect = endpoint
-            .bounded("exec_inspect", endpoint.api().inspect_exec(id))
+            .bounded("exec_inspect", endpoint.api()?.inspect_exec(id))
             .await?;
         if inspect.running != Some(true) {
             return Ok(inspect.exit_code);
@@ -139,7 +142,10 @@ pub async fn exit_code(endpoint: &Endpoint, id: &str) -> Result<Option<i64>, Err
 /// The state of `container` ("running", "exited"...), by its full ID.
 pub async fn container_state(endpoint: &Endpoint, container: &str) -> Result<String, Error> {
     let inspect = endpoint
-        .bounded("inspect", endpoint.api().inspect_container(container, None))
+        .bounded(
+            "inspect",
+            endpoint.api()?.inspect_container(container, None),
+        )
         .await?;
     Ok(inspect
         .state
@@ -181,7 +187,10 @@ kill -KILL $p 2>/dev/null; exit 0"#
         ..Default::default()
     };
     let created = endpoint
-        .bounded("exec_create", endpoint.api().create_exec(container, config))
+        .bounded(
+            "exec_create",
+            endpoint.api()?.create_exec(container, config),
+        )
         .await?;
     let body = json!({ "Detach": false, "Tty": false }).to_string();
     let (_, mut stream) = endpoint
