@@ -66,18 +66,27 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
         benchgate::ssh::keys::Missing::Report,
     )
     .context("server.host_keys")?;
-    println!("# {source}: OK");
+    let mut report = format!("# {source}: OK\n");
     for ca in &trust.cas {
-        println!("# trusted user CA {}", ca.fingerprint);
+        report += &format!("# trusted user CA {}\n", ca.fingerprint);
     }
     for path in missing {
-        println!(
-            "# host key {} is missing and will be created at start",
+        report += &format!(
+            "# host key {} is missing and will be created at start\n",
             path.display()
         );
     }
-    print!("{}", config.to_toml());
-    Ok(())
+    report += &config.to_toml();
+    print_all(&report)
+}
+
+/// Writes `text` to stdout; a reader that went away (`| head`) is not an error.
+fn print_all(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 fn serve(path: Option<&Path>) -> anyhow::Result<()> {

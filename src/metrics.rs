@@ -7,6 +7,7 @@ use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gau
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 use crate::auth::Rejection;
+use crate::policy::Refused;
 
 /// Connections by how they ended or why they were turned away.
 pub const CONNECTIONS_TOTAL: &str = "benchgate_connections_total";
@@ -36,6 +37,18 @@ pub const BYTES_TOTAL: &str = "benchgate_bytes_total";
 pub const HANDSHAKE_SECONDS: &str = "benchgate_handshake_seconds";
 /// Seconds left on certificates at login.
 pub const CERT_REMAINING_SECONDS: &str = "benchgate_cert_remaining_seconds";
+
+/// The `op` values of [`DOCKER_ERRORS_TOTAL`].
+const DOCKER_OPS: [&str; 8] = [
+    "connect",
+    "version",
+    "list",
+    "inspect",
+    "exec_create",
+    "exec_start",
+    "exec_resize",
+    "exec_inspect",
+];
 
 /// Histogram buckets for latencies, in seconds.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -133,6 +146,25 @@ fn describe() {
     for reason in Rejection::LABELS {
         counter!(AUTH_TOTAL, "result" => "rejected", "reason" => reason).absolute(0);
     }
+    for request in Refused::ALL {
+        counter!(REFUSED_REQUESTS_TOTAL, "request" => request.label()).absolute(0);
+    }
+    for kind in ["shell", "exec"] {
+        gauge!(SESSIONS_ACTIVE, "kind" => kind).set(0.0);
+        for outcome in ["ok", "error", "client_closed"] {
+            counter!(SESSIONS_TOTAL, "kind" => kind, "outcome" => outcome).absolute(0);
+        }
+    }
+    for direction in ["in", "out"] {
+        counter!(BYTES_TOTAL, "direction" => direction).absolute(0);
+    }
+    for op in DOCKER_OPS {
+        counter!(DOCKER_ERRORS_TOTAL, "op" => op).absolute(0);
+    }
+    for reason in ["login_grace_time", "shutdown"] {
+        counter!(DISCONNECTS_TOTAL, "reason" => reason).absolute(0);
+    }
+    gauge!(BENCHES_KNOWN).set(0.0);
 }
 
 /// A connection ended or was turned away.
@@ -171,8 +203,8 @@ pub fn auth_rejected(reason: &Rejection) {
 }
 
 /// A request was refused by policy.
-pub fn refused(request: &'static str) {
-    counter!(REFUSED_REQUESTS_TOTAL, "request" => request).increment(1);
+pub fn refused(request: Refused) {
+    counter!(REFUSED_REQUESTS_TOTAL, "request" => request.label()).increment(1);
 }
 
 /// The server ended a connection.

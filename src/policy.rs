@@ -14,6 +14,75 @@ pub const MAX_ENV_VARS: usize = 64;
 /// Longest accepted environment variable value, in bytes.
 pub const MAX_ENV_VALUE_BYTES: usize = 4096;
 
+/// A request refused by policy: the `request` label of metrics and audit events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// A session channel past `max_sessions_per_connection`.
+    Session,
+    /// A `pty-req` without `permit-pty`.
+    Pty,
+    /// An `env` request outside `env_allow`, or malformed.
+    Env,
+    /// An `exec` of the server side of scp, rsync or sftp.
+    FileTransferExec,
+    /// An `exec` with control bytes, invalid UTF-8 or too long.
+    MalformedExec,
+    /// A `subsystem` request (sftp or any other).
+    Subsystem,
+    /// `x11-req`.
+    X11,
+    /// An `x11` channel.
+    X11Channel,
+    /// `auth-agent-req@openssh.com`.
+    Agent,
+    /// `direct-tcpip` (ssh -L, -D, -W).
+    DirectTcpip,
+    /// `direct-streamlocal@openssh.com`.
+    DirectStreamlocal,
+    /// `tcpip-forward` (ssh -R).
+    TcpipForward,
+    /// `streamlocal-forward@openssh.com`.
+    StreamlocalForward,
+}
+
+impl Refused {
+    /// Every variant, so metrics can start at zero for each.
+    pub const ALL: [Refused; 13] = [
+        Self::Session,
+        Self::Pty,
+        Self::Env,
+        Self::FileTransferExec,
+        Self::MalformedExec,
+        Self::Subsystem,
+        Self::X11,
+        Self::X11Channel,
+        Self::Agent,
+        Self::DirectTcpip,
+        Self::DirectStreamlocal,
+        Self::TcpipForward,
+        Self::StreamlocalForward,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Session => "session",
+            Self::Pty => "pty-req",
+            Self::Env => "env",
+            Self::FileTransferExec => "exec-file-transfer",
+            Self::MalformedExec => "exec-malformed",
+            Self::Subsystem => "subsystem",
+            Self::X11 => "x11-req",
+            Self::X11Channel => "x11",
+            Self::Agent => "auth-agent-req",
+            Self::DirectTcpip => "direct-tcpip",
+            Self::DirectStreamlocal => "direct-streamlocal",
+            Self::TcpipForward => "tcpip-forward",
+            Self::StreamlocalForward => "streamlocal-forward",
+        }
+    }
+}
+
 /// Why a command is not run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommandRefusal {

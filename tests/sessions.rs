@@ -586,3 +586,101 @@ async fn group_principal_grants_its_benches() {
         .await;
     assert_eq!(run.stdout_text(), "in\n", "{run:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn container_names_and_id_prefixes_are_not_benches() {
+    let (bastion, bench, _) = setup(&[], &[]).await;
+    let id = String::from_utf8(run("docker", &["inspect", "-f", "{{.Id}}", &bench.name]).stdout)
+        .unwrap();
+    for name in [&id.trim()[..12], bench.name.as_str()] {
+        let key = bastion.user_with_cert(
+            &format!("k{}", name.len()),
+            "ca",
+            &["-n", name, "-V", VALID],
+        );
+        let run = bastion.exec(name, &key, &[], "echo reached", b"").await;
+        assert!(
+            run.stderr.contains("(status: no such bench)"),
+            "{name}: {run:?}"
+        );
+        assert!(run.stdout.is_empty(), "{name}: {run:?}");
+    }
+}
+
+/// Starts `sleep 30` through `bastion` and waits until it runs; the returned child is the
+/// client, killed when dropped.
+async fn hold_a_session(
+    bastion: &Bastion,
+    bench: &Container,
+    key: &std::path::Path,
+    extra: &[&str],
+) -> tokio::process::Child {
+    let mut cmd = tokio::process::Command::new("ssh");
+    cmd.args(bastion.client_options(key))
+        .args(["-p", &bastion.addr.port().to_string()])
+        .args(extra)
+        .arg(format!("{}@127.0.0.1", bench.bench))
+        .arg("sleep 30")
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let child = cmd.spawn().unwrap();
+    for _ in 0..100 {
+        if bench.processes().iter().any(|p| p.contains("sleep 30")) {
+            return child;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the held session never started");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_per_bench_are_limited_with_a_message() {
+    let container = Container::start(&[]);
+    let bastion = Bastion::start(|_, config| {
+        config.session.max_sessions_per_bench = std::num::NonZeroU32::new(1).unwrap();
+    })
+    .await;
+    let key = bastion.user_with_cert("user", "ca", &["-n", &container.bench, "-V", VALID]);
+    bastion.wait_for_bench(&container.bench).await;
+    let _held = hold_a_session(&bastion, &container, &key, &[]).await;
+    let run = bastion
+        .exec(&container.bench, &key, &[], "echo second", b"")
+        .await;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr.contains("too many sessions into bench"),
+        "{run:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_per_connection_are_limited() {
+    let container = Container::start(&[]);
+    let bastion = Bastion::start(|_, config| {
+        config.server.max_sessions_per_connection = std::num::NonZeroU32::new(1).unwrap();
+    })
+    .await;
+    let key = bastion.user_with_cert("user", "ca", &["-n", &container.bench, "-V", VALID]);
+    bastion.wait_for_bench(&container.bench).await;
+    let socket = bastion.path("control.sock");
+    let control = format!("ControlPath={}", socket.display());
+    let master = ["-o", "ControlMaster=yes", "-o", control.as_str()];
+    let _held = hold_a_session(&bastion, &container, &key, &master).await;
+    let shared = ["-o", "ControlMaster=no", "-o", control.as_str()];
+    // The multiplexing client is refused a second channel on the held connection (its master
+    // prints the bastion's reason), then falls back to a connection of its own.
+    let run = bastion
+        .exec(&container.bench, &key, &shared, "echo second", b"")
+        .await;
+    assert!(
+        run.stderr.contains("Session open refused by peer"),
+        "{run:?}"
+    );
+    let events = bastion.audit();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "request.refused" && e["request"] == "session"),
+        "{events:#?}"
+    );
+}

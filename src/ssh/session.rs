@@ -15,7 +15,8 @@ use super::prechecks::Sink;
 use super::server::{Shared, StartupSlot};
 use crate::audit::{Event, Kind};
 use crate::auth::{self, cert::ca_fingerprint, is_bench_name, Attempt, Grant, Rejection};
-use crate::{metrics, policy};
+use crate::metrics;
+use crate::policy::{self, Refused};
 
 /// What one connection has been refused so far that is not yet audited.
 #[derive(Debug, Default)]
@@ -200,7 +201,7 @@ impl Connection {
     fn refuse_in_channel(
         &mut self,
         channel: ChannelId,
-        request: &'static str,
+        request: Refused,
         message: &'static str,
         session: &mut Session,
     ) -> Result<(), russh::Error> {
@@ -215,10 +216,10 @@ impl Connection {
         Ok(())
     }
 
-    fn refuse_request(&self, request: &'static str) {
+    fn refuse_request(&self, request: Refused) {
         metrics::refused(request);
-        tracing::info!(peer = %self.peer, request, "request refused");
-        let mut event = Event::new(Kind::RequestRefused, self.peer).request(request);
+        tracing::info!(peer = %self.peer, request = request.label(), "request refused");
+        let mut event = Event::new(Kind::RequestRefused, self.peer).request(request.label());
         if let Some(grant) = &self.grant {
             event = event.bench(&grant.bench).certificate(
                 &grant.key_id,
@@ -229,7 +230,7 @@ impl Connection {
         self.shared.audit.record(&event);
     }
 
-    async fn refuse_channel(&self, request: &'static str, reply: ChannelOpenHandle, message: &str) {
+    async fn refuse_channel(&self, request: Refused, reply: ChannelOpenHandle, message: &str) {
         self.refuse_request(request);
         reply
             .reject(ChannelOpenFailure::Other {
@@ -351,7 +352,7 @@ impl russh::server::Handler for Connection {
             return Ok(());
         }
         if self.open_channels >= self.shared.max_sessions_per_connection {
-            self.refuse_channel("session", reply, policy::TOO_MANY_SESSIONS)
+            self.refuse_channel(Refused::Session, reply, policy::TOO_MANY_SESSIONS)
                 .await;
             return Ok(());
         }
@@ -402,7 +403,7 @@ impl russh::server::Handler for Connection {
                 session.channel_success(channel)?;
             }
             _ => {
-                self.refuse_request("pty-req");
+                self.refuse_request(Refused::Pty);
                 session.channel_failure(channel)?;
             }
         }
@@ -427,7 +428,7 @@ impl russh::server::Handler for Connection {
             }
             _ => {
                 tracing::debug!(peer = %self.peer, name = %auth::bounded(name), "env refused");
-                self.refuse_request("env");
+                self.refuse_request(Refused::Env);
                 session.channel_failure(channel)?;
             }
         }
@@ -462,12 +463,12 @@ impl russh::server::Handler for Connection {
             ),
             Err(policy::CommandRefusal::FileTransfer) => self.refuse_in_channel(
                 channel,
-                "exec-file-transfer",
+                Refused::FileTransferExec,
                 policy::FILE_TRANSFER,
                 session,
             ),
             Err(policy::CommandRefusal::Malformed) => {
-                self.refuse_request("exec-malformed");
+                self.refuse_request(Refused::MalformedExec);
                 session.channel_failure(channel)?;
                 Ok(())
             }
@@ -480,7 +481,7 @@ impl russh::server::Handler for Connection {
         _name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.refuse_in_channel(channel, "subsystem", policy::FILE_TRANSFER, session)
+        self.refuse_in_channel(channel, Refused::Subsystem, policy::FILE_TRANSFER, session)
     }
 
     async fn x11_request(
@@ -492,7 +493,7 @@ impl russh::server::Handler for Connection {
         _x11_screen_number: u32,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.refuse_request("x11-req");
+        self.refuse_request(Refused::X11);
         session.channel_failure(channel)?;
         Ok(())
     }
@@ -502,7 +503,7 @@ impl russh::server::Handler for Connection {
         _channel: ChannelId,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        self.refuse_request("auth-agent-req");
+        self.refuse_request(Refused::Agent);
         Ok(false)
     }
 
@@ -514,7 +515,8 @@ impl russh::server::Handler for Connection {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.refuse_channel("x11", reply, policy::FORWARDING).await;
+        self.refuse_channel(Refused::X11Channel, reply, policy::FORWARDING)
+            .await;
         Ok(())
     }
 
@@ -528,7 +530,7 @@ impl russh::server::Handler for Connection {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.refuse_channel("direct-tcpip", reply, policy::FORWARDING)
+        self.refuse_channel(Refused::DirectTcpip, reply, policy::FORWARDING)
             .await;
         Ok(())
     }
@@ -540,7 +542,7 @@ impl russh::server::Handler for Connection {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.refuse_channel("direct-streamlocal", reply, policy::FORWARDING)
+        self.refuse_channel(Refused::DirectStreamlocal, reply, policy::FORWARDING)
             .await;
         Ok(())
     }
@@ -551,7 +553,7 @@ impl russh::server::Handler for Connection {
         _port: &mut u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        self.refuse_request("tcpip-forward");
+        self.refuse_request(Refused::TcpipForward);
         Ok(false)
     }
 
@@ -560,7 +562,7 @@ impl russh::server::Handler for Connection {
         _socket_path: &str,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        self.refuse_request("streamlocal-forward");
+        self.refuse_request(Refused::StreamlocalForward);
         Ok(false)
     }
 }
