@@ -87,6 +87,8 @@ impl Default for Server {
 pub struct Auth {
     /// Files of OpenSSH public keys of the CAs whose user certificates are accepted.
     pub trusted_user_ca_keys: NonEmpty<PathBuf>,
+    /// Revocation list: an OpenSSH KRL or a file of public keys; "" = none.
+    pub revoked_keys: Optional<PathBuf>,
     /// Longest accepted certificate validity span; 0 = no limit.
     pub max_cert_lifetime: Span,
     /// End the connection when its certificate expires.
@@ -99,6 +101,7 @@ impl Default for Auth {
     fn default() -> Self {
         Self {
             trusted_user_ca_keys: NonEmpty(vec![PathBuf::from("/etc/benchgate/user_ca.pub")]),
+            revoked_keys: Optional(None),
             max_cert_lifetime: Span::secs(0),
             disconnect_on_expiry: true,
             expiry_warnings: vec![Span::secs(600), Span::secs(60)],
@@ -455,7 +458,7 @@ mod tests {
             ("[server]\nlisten = []\n", 2),
             ("[server]\nlisten = [\"nowhere\"]\n", 2),
             ("[log]\nformat = \"xml\"\n", 2),
-            ("[auth]\nrevoked_keys = \"/x\"\n", 2),
+            ("[auth]\nrevoked_key = \"/x\"\n", 2),
             ("[server]\nproxy_protocol = true\n", 2),
         ] {
             let err = parse(text).expect_err(text);

@@ -10,6 +10,7 @@ pub mod docker;
 pub mod logging;
 pub mod metrics;
 pub mod policy;
+pub mod settings;
 pub mod ssh;
 
 use std::sync::Arc;
@@ -24,11 +25,11 @@ pub async fn start(
     config: &config::Config,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<Arc<ssh::server::Shared>> {
-    let trust = auth::Trust::load(
-        &config.auth.trusted_user_ca_keys.0,
-        config.auth.max_cert_lifetime.nonzero().map(|d| d.as_secs()),
-    )
-    .context("auth.trusted_user_ca_keys")?;
+    let settings = tokio::sync::watch::Sender::new(Arc::new(settings::Settings::load(config)?));
+    tokio::spawn(settings::follow_revocations(
+        settings.clone(),
+        shutdown.clone(),
+    ));
     let (host_keys, _) = ssh::keys::load(&config.server.host_keys.0, ssh::keys::Missing::Create)
         .context("server.host_keys")?;
     let audit_path = config.log.audit_file.0.as_deref();
@@ -58,6 +59,6 @@ pub async fn start(
     }
     benches.watch(shutdown);
     Ok(Arc::new(ssh::server::Shared::new(
-        config, trust, audit, host_keys, benches,
+        config, settings, audit, host_keys, benches,
     )))
 }

@@ -161,7 +161,14 @@ fn describe() {
     for op in DOCKER_OPS {
         counter!(DOCKER_ERRORS_TOTAL, "op" => op).absolute(0);
     }
-    for reason in ["login_grace_time", "shutdown"] {
+    for reason in [
+        "login_grace_time",
+        "expired",
+        "revoked",
+        "ca_removed",
+        "idle",
+        "shutdown",
+    ] {
         counter!(DISCONNECTS_TOTAL, "reason" => reason).absolute(0);
     }
     gauge!(BENCHES_KNOWN).set(0.0);

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use ssh_key::{Algorithm, Certificate};
 
+use super::revocation::Revocation;
 use super::{is_bench_name, Attempt, Grant, Rejection, Trust};
 
 /// Critical option that replaces the command the client asks for.
@@ -43,6 +44,14 @@ pub fn rejections(cert: &Certificate, attempt: &Attempt<'_>, trust: &Trust) -> V
     }
     if trust.ca(cert.signature_key()).is_none() {
         reasons.push(Rejection::UntrustedCa);
+    }
+    match &trust.revocation {
+        Revocation::Off => {}
+        Revocation::Loaded { list, .. } if list.check(cert).is_some() => {
+            reasons.push(Rejection::Revoked)
+        }
+        Revocation::Loaded { .. } => {}
+        Revocation::Unavailable { .. } => reasons.push(Rejection::RevocationUnavailable),
     }
     if cert.signature().algorithm() == (Algorithm::Rsa { hash: None }) {
         reasons.push(Rejection::Sha1Signature);
@@ -84,6 +93,19 @@ pub fn rejections(cert: &Certificate, attempt: &Attempt<'_>, trust: &Trust) -> V
     reasons
 }
 
+/// Whether a certificate accepted earlier may keep its connection under `trust` as it is now:
+/// its CA is still trusted and it is not revoked. An unreadable revocation list refuses new
+/// logins but does not end live sessions.
+pub fn still_valid(cert: &Certificate, trust: &Trust) -> Result<(), Rejection> {
+    if trust.ca(cert.signature_key()).is_none() {
+        return Err(Rejection::UntrustedCa);
+    }
+    match &trust.revocation {
+        Revocation::Loaded { list, .. } if list.check(cert).is_some() => Err(Rejection::Revoked),
+        _ => Ok(()),
+    }
+}
+
 fn grant(cert: &Certificate, attempt: &Attempt<'_>) -> Grant {
     Grant {
         bench: attempt.bench.to_owned(),
@@ -93,6 +115,7 @@ fn grant(cert: &Certificate, attempt: &Attempt<'_>) -> Grant {
         valid_before: cert.valid_before(),
         force_command: cert.critical_options().get(FORCE_COMMAND).cloned(),
         permit_pty: cert.extensions().contains_key(PERMIT_PTY),
+        certificate: std::sync::Arc::new(cert.clone()),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Who gets in: trusted CAs, the verdict on a certificate, and the reasons for a refusal.
 
 pub mod cert;
+pub mod revocation;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -58,6 +59,10 @@ pub enum Rejection {
     PrincipalMismatch,
     /// A critical option benchgate does not enforce.
     UnknownCriticalOption(String),
+    /// The certificate, its key or its CA's key is in the revocation list.
+    Revoked,
+    /// The revocation list cannot be read: every login is refused until it is fixed.
+    RevocationUnavailable,
     /// The `source-address` option does not parse.
     BadSourceAddress,
     /// The client address is outside the `source-address` option.
@@ -81,13 +86,15 @@ impl Rejection {
             Self::NoPrincipals => "no_principals",
             Self::PrincipalMismatch => "principal_mismatch",
             Self::UnknownCriticalOption(_) => "unknown_critical_option",
+            Self::Revoked => "revoked",
+            Self::RevocationUnavailable => "revocation_unavailable",
             Self::BadSourceAddress => "bad_source_address",
             Self::SourceAddressMismatch => "source_address_mismatch",
         }
     }
 
     /// Every label, so metrics can start at zero for each.
-    pub const LABELS: [&'static str; 15] = [
+    pub const LABELS: [&'static str; 17] = [
         "invalid_user",
         "not_certificate",
         "untrusted_ca",
@@ -101,6 +108,8 @@ impl Rejection {
         "no_principals",
         "principal_mismatch",
         "unknown_critical_option",
+        "revoked",
+        "revocation_unavailable",
         "bad_source_address",
         "source_address_mismatch",
     ];
@@ -125,6 +134,10 @@ impl fmt::Display for Rejection {
             }
             Self::UnknownCriticalOption(name) => {
                 write!(f, "unsupported critical option {}", bounded(name))
+            }
+            Self::Revoked => f.write_str("the certificate has been revoked"),
+            Self::RevocationUnavailable => {
+                f.write_str("the revocation list cannot be read, so no certificate is accepted")
             }
             Self::BadSourceAddress => f.write_str("the source-address option is malformed"),
             Self::SourceAddressMismatch => {
@@ -151,6 +164,8 @@ pub struct Grant {
     pub force_command: Option<String>,
     /// Whether the certificate carries the `permit-pty` extension.
     pub permit_pty: bool,
+    /// The certificate itself, to check again when trust or revocations change.
+    pub certificate: std::sync::Arc<ssh_key::Certificate>,
 }
 
 /// The facts about a login attempt that are not in the certificate.
@@ -182,6 +197,8 @@ pub struct Trust {
     pub cas: Vec<TrustedCa>,
     /// Longest accepted validity span in seconds; `None` = no limit.
     pub max_lifetime_seconds: Option<u64>,
+    /// What is revoked.
+    pub revocation: revocation::Revocation,
 }
 
 /// Why a CA key file cannot be used.
@@ -223,7 +240,13 @@ impl Trust {
         Self {
             cas,
             max_lifetime_seconds,
+            revocation: revocation::Revocation::Off,
         }
+    }
+
+    /// The same trust with `revocation` in force.
+    pub fn with_revocation(self, revocation: revocation::Revocation) -> Self {
+        Self { revocation, ..self }
     }
 
     /// Loads CA public keys from files of OpenSSH public key lines (`#` comments allowed).

@@ -2,13 +2,16 @@
 //! window changes, exit status, and teardown of everything the session started.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use russh::server::Msg;
-use russh::{Channel, ChannelMsg};
+use russh::{Channel, ChannelMsg, ChannelWriteHalf};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::broadcast;
 
+use super::lifetime::{Link, Notice, Touching};
 use super::server::Shared;
 use crate::audit::{Event, Kind};
 use crate::auth::Grant;
@@ -44,6 +47,8 @@ pub struct Request {
     pub pty: Option<Pty>,
     /// Allowed client environment variables.
     pub env: Vec<(String, String)>,
+    /// The connection's notices and activity clock.
+    pub link: Arc<Link>,
 }
 
 impl Request {
@@ -57,19 +62,25 @@ impl Request {
 
 /// Writes `message` as one stderr line, then exit status 1, EOF and close.
 pub async fn refuse(channel: Channel<Msg>, message: &str, tty: bool) {
-    let mut stderr = channel.make_writer_ext(Some(1));
+    let (_, to_client) = channel.split();
+    say(&to_client, message, tty).await;
+    finish(&to_client, 1).await;
+}
+
+/// Writes `message` as one line on the client's stderr.
+async fn say(to_client: &ChannelWriteHalf<Msg>, message: &str, tty: bool) {
+    let mut stderr = to_client.make_writer_ext(Some(1));
     let ending = if tty { "\r\n" } else { "\n" };
     let _ = stderr
         .write_all(format!("{message}{ending}").as_bytes())
         .await;
     let _ = stderr.flush().await;
-    finish(&channel, 1).await;
 }
 
-async fn finish(channel: &Channel<Msg>, status: u32) {
-    let _ = channel.exit_status(status).await;
-    let _ = channel.eof().await;
-    let _ = channel.close().await;
+async fn finish(to_client: &ChannelWriteHalf<Msg>, status: u32) {
+    let _ = to_client.exit_status(status).await;
+    let _ = to_client.eof().await;
+    let _ = to_client.close().await;
 }
 
 /// Runs `request` on `channel` until the process ends or the client goes away.
@@ -131,24 +142,36 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
     let Exec {
         output, mut input, ..
     } = exec;
+    let link = request.link.clone();
+    let _running = link.session();
+    let mut notices = link.subscribe();
+    let (bytes_in, bytes_out) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let (mut from_client, to_client) = channel.split();
-    let stdout = to_client.make_writer();
-    let stderr = to_client.make_writer_ext(Some(1));
+    let stdout = Touching::new(to_client.make_writer(), link.clone(), bytes_out.clone());
+    let stderr = Touching::new(
+        to_client.make_writer_ext(Some(1)),
+        link.clone(),
+        bytes_out.clone(),
+    );
     let pump_out = async move {
         if tty {
-            copy_counted(output, stdout).await
+            copy_flushed(output, stdout).await
         } else {
             exec::demux(output, stdout, stderr).await
         }
     };
-    let resize_endpoint = exec_endpoint.clone();
-    let resize_id = exec_id.clone();
+    let (resize_endpoint, resize_id, counted_in, touched) = (
+        exec_endpoint.clone(),
+        exec_id.clone(),
+        bytes_in.clone(),
+        link.clone(),
+    );
     let pump_in = async move {
-        let mut bytes_in = 0u64;
         while let Some(message) = from_client.wait().await {
             match message {
                 ChannelMsg::Data { data } => {
-                    bytes_in += data.len() as u64;
+                    touched.touch();
+                    counted_in.fetch_add(data.len() as u64, Ordering::Relaxed);
                     if input.write_all(&data).await.is_err() {
                         break;
                     }
@@ -167,24 +190,37 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
                 _ => {}
             }
         }
-        bytes_in
     };
     tokio::pin!(pump_out, pump_in);
-    let (outcome, bytes_in, bytes_out) = tokio::select! {
-        out = &mut pump_out => {
-            let status = exit_status(&exec_endpoint, &exec_id, &bench, &to_client, tty).await;
-            let _ = to_client.exit_status(status).await;
-            let _ = to_client.eof().await;
-            let _ = to_client.close().await;
-            (status.to_string(), 0, out.unwrap_or(0))
+    let outcome = loop {
+        tokio::select! {
+            _ = &mut pump_out => {
+                let status = exit_status(&exec_endpoint, &exec_id, &bench, &to_client, tty).await;
+                finish(&to_client, status).await;
+                break status.to_string();
+            }
+            _ = &mut pump_in => break "client_closed".to_owned(),
+            notice = notices.recv() => match notice {
+                Ok(Notice::Warn(text)) => say(&to_client, &text, tty).await,
+                Ok(Notice::End(text)) => {
+                    say(&to_client, &text, tty).await;
+                    finish(&to_client, 255).await;
+                    break "ended_by_server".to_owned();
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => break "client_closed".to_owned(),
+            },
         }
-        bytes_in = &mut pump_in => ("client_closed".to_owned(), bytes_in, 0),
     };
     let label = match outcome.as_str() {
         "0" => "ok",
         "client_closed" => "client_closed",
         _ => "error",
     };
+    let (bytes_in, bytes_out) = (
+        bytes_in.load(Ordering::Relaxed),
+        bytes_out.load(Ordering::Relaxed),
+    );
     metrics::session_ended(kind, label, started.elapsed(), bytes_in, bytes_out);
     tracing::info!(peer = %request.peer, bench = %bench_name, outcome = %outcome, "session ended");
     shared.audit.record(
@@ -204,7 +240,7 @@ async fn exit_status(
     endpoint: &crate::docker::Endpoint,
     exec_id: &str,
     bench: &Bench,
-    to_client: &russh::ChannelWriteHalf<Msg>,
+    to_client: &ChannelWriteHalf<Msg>,
     tty: bool,
 ) -> u32 {
     let code = exec::exit_code(endpoint, exec_id).await.ok().flatten();
@@ -223,19 +259,15 @@ async fn exit_status(
             .unwrap_or_default();
     }
     if state != "running" {
-        let ending = if tty { "\r\n" } else { "\n" };
-        let message = format!(
-            "benchgate: the bench container stopped during the session (status: {state}){ending}"
-        );
-        let mut stderr = to_client.make_writer_ext(Some(1));
-        let _ = stderr.write_all(message.as_bytes()).await;
-        let _ = stderr.flush().await;
+        let message =
+            format!("benchgate: the bench container stopped during the session (status: {state})");
+        say(to_client, &message, tty).await;
         return code.filter(|c| *c != 0).map_or(255, |c| c as u32);
     }
     code.map_or(255, |c| (c & 0xff) as u32)
 }
 
-async fn copy_counted(
+async fn copy_flushed(
     mut from: impl tokio::io::AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
 ) -> std::io::Result<u64> {
@@ -260,7 +292,8 @@ fn teardown(
 }
 
 fn spec(shared: &Shared, request: &Request, bench: &Bench, marker: &str) -> Spec {
-    let session = &shared.session;
+    let settings = shared.settings();
+    let session = &settings.session;
     let cmd = match (&request.grant.force_command, &request.command) {
         (Some(forced), _) => vec!["sh".to_owned(), "-c".to_owned(), forced.clone()],
         (None, Some(command)) => vec!["sh".to_owned(), "-c".to_owned(), command.clone()],

@@ -13,31 +13,30 @@ use russh::server::Config as SshConfig;
 use russh::{Disconnect, MethodKind, MethodSet, Preferred, SshId};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::channel::BenchSlots;
+use super::lifetime::{self, Ended, Link, Notice};
 use super::prechecks::{Sink, Watch};
 use super::session::{Connection, Ledger};
 use crate::audit::{Audit, Event, Kind};
-use crate::auth::Trust;
 use crate::config::Config;
 use crate::docker::Index;
 use crate::metrics::{self, Outcome};
+use crate::settings::Settings;
 
 /// Everything connections share: policy, audit sink, SSH settings and limits.
 pub struct Shared {
-    /// Trusted CAs and certificate policy.
-    pub trust: Trust,
+    /// Settings that SIGHUP and the revocation file replace.
+    pub settings: watch::Sender<Arc<Settings>>,
     /// Where audit events go.
     pub audit: Audit,
     /// The bench index across Docker endpoints.
     pub benches: Arc<Index>,
-    /// What sessions run.
-    pub session: crate::config::Session,
     /// Sessions per bench.
     pub bench_slots: BenchSlots,
     /// Channels one connection may have open.
@@ -56,10 +55,15 @@ pub struct Shared {
 const AUTH_REJECTION_TIME: Duration = Duration::from_millis(20);
 
 impl Shared {
+    /// The settings in force now.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.borrow().clone()
+    }
+
     /// Shared state for a server run by `config`, with its trust set, audit sink and host keys.
     pub fn new(
         config: &Config,
-        trust: Trust,
+        settings: watch::Sender<Arc<Settings>>,
         audit: Audit,
         host_keys: Vec<PrivateKey>,
         benches: Arc<Index>,
@@ -94,10 +98,9 @@ impl Shared {
             ..SshConfig::default()
         };
         Self {
-            trust,
+            settings,
             audit,
             benches,
-            session: config.session.clone(),
             bench_slots: BenchSlots::new(config.session.max_sessions_per_bench.get() as usize),
             max_sessions_per_connection: server.max_sessions_per_connection.get() as usize,
             tracker: TaskTracker::new(),
@@ -189,24 +192,6 @@ fn turn_away(peer: SocketAddr, outcome: Outcome) {
     metrics::connection(outcome);
 }
 
-/// Why a connection ended, for the `connection.closed` audit event.
-#[derive(Debug, Clone, Copy)]
-enum End {
-    Closed,
-    LoginGrace,
-    Shutdown,
-}
-
-impl End {
-    fn label(self) -> &'static str {
-        match self {
-            Self::Closed => "closed",
-            Self::LoginGrace => "login_grace_time",
-            Self::Shutdown => "shutdown",
-        }
-    }
-}
-
 async fn connection(gate: &Gate, stream: TcpStream, peer: SocketAddr, slot: StartupSlot) {
     let shared = &gate.shared;
     let _active = metrics::ActiveConnection::open();
@@ -216,10 +201,18 @@ async fn connection(gate: &Gate, stream: TcpStream, peer: SocketAddr, slot: Star
     let sink: Arc<dyn Sink> = ledger.clone();
     let kill = CancellationToken::new();
     let stream = Guarded::new(stream, kill.clone(), Watch::new(&sink));
+    let link = Arc::new(Link::default());
     let (on_auth, mut authenticated) = oneshot::channel();
-    let handler = Connection::new(shared.clone(), peer, ledger.clone(), slot, on_auth);
+    let handler = Connection::new(
+        shared.clone(),
+        peer,
+        ledger.clone(),
+        link.clone(),
+        slot,
+        on_auth,
+    );
 
-    let mut end = End::Closed;
+    let mut end = Ended::Closed;
     let mut grant = None;
     let start = tokio::time::timeout_at(
         deadline,
@@ -233,12 +226,12 @@ async fn connection(gate: &Gate, stream: TcpStream, peer: SocketAddr, slot: Star
                 None
             }
             Err(_) => {
-                end = End::LoginGrace;
+                end = Ended::LoginGrace;
                 None
             }
         },
         _ = gate.shutdown.cancelled() => {
-            end = End::Shutdown;
+            end = Ended::Shutdown;
             None
         }
     };
@@ -253,11 +246,11 @@ async fn connection(gate: &Gate, stream: TcpStream, peer: SocketAddr, slot: Star
                 false
             }
             _ = tokio::time::sleep_until(deadline) => {
-                end = End::LoginGrace;
+                end = Ended::LoginGrace;
                 false
             }
             _ = gate.shutdown.cancelled() => {
-                end = End::Shutdown;
+                end = Ended::Shutdown;
                 false
             }
         };
@@ -265,17 +258,35 @@ async fn connection(gate: &Gate, stream: TcpStream, peer: SocketAddr, slot: Star
         if grant.is_none() {
             grant = authenticated.try_recv().ok();
         }
-        if grant.is_some() && !finished {
-            finished = tokio::select! {
-                _ = &mut running => true,
-                _ = gate.shutdown.cancelled() => {
-                    end = End::Shutdown;
-                    let _ = handle
-                        .disconnect(Disconnect::ByApplication, "benchgate is shutting down".into(), "en".into())
-                        .await;
-                    tokio::time::timeout(shared.shutdown_grace, &mut running).await.is_ok()
-                }
+        if let (Some(grant), false) = (&grant, finished) {
+            let closed = async {
+                let _ = (&mut running).await;
             };
+            end = lifetime::supervise(shared, grant, &link, closed, &gate.shutdown).await;
+            finished = end == Ended::Closed;
+            if end == Ended::Shutdown {
+                let grace = shared.shutdown_grace;
+                link.tell(Notice::Warn(format!(
+                    "benchgate: the bastion is shutting down; this connection ends within {}",
+                    lifetime::spoken(grace)
+                )));
+                finished = tokio::time::timeout(grace, &mut running).await.is_ok();
+            }
+            if !finished {
+                // Sessions print the reason and close their channels, then the connection goes.
+                link.tell(Notice::End(end.message().to_owned()));
+                link.sessions_done(Duration::from_secs(2)).await;
+                let _ = handle
+                    .disconnect(
+                        Disconnect::ByApplication,
+                        end.message().to_owned(),
+                        "en".into(),
+                    )
+                    .await;
+                finished = tokio::time::timeout(Duration::from_secs(2), &mut running)
+                    .await
+                    .is_ok();
+            }
         }
         if !finished {
             // Whatever is left is cut: a dead stream ends russh's session within moments.
@@ -287,11 +298,11 @@ async fn connection(gate: &Gate, stream: TcpStream, peer: SocketAddr, slot: Star
     ledger.finish(shared, peer, grant.is_some());
     let outcome = match (&grant, end) {
         (Some(_), _) => Outcome::Authenticated,
-        (None, End::LoginGrace) => Outcome::LoginTimeout,
+        (None, Ended::LoginGrace) => Outcome::LoginTimeout,
         (None, _) => Outcome::Unauthenticated,
     };
     metrics::connection(outcome);
-    if !matches!(end, End::Closed) {
+    if end != Ended::Closed {
         metrics::disconnect(end.label());
     }
     tracing::info!(

@@ -11,6 +11,7 @@ use russh::{Channel, ChannelId, ChannelOpenFailure};
 use tokio::sync::oneshot;
 
 use super::channel::{self, Pty, Request};
+use super::lifetime::Link;
 use super::prechecks::Sink;
 use super::server::{Shared, StartupSlot};
 use crate::audit::{Event, Kind};
@@ -108,6 +109,7 @@ pub struct Connection {
     peer: SocketAddr,
     accepted_at: Instant,
     ledger: Arc<Ledger>,
+    link: Arc<Link>,
     startup: Option<StartupSlot>,
     on_auth: Option<oneshot::Sender<Grant>>,
     grant: Option<Grant>,
@@ -131,6 +133,7 @@ impl Connection {
         shared: Arc<Shared>,
         peer: SocketAddr,
         ledger: Arc<Ledger>,
+        link: Arc<Link>,
         startup: StartupSlot,
         on_auth: oneshot::Sender<Grant>,
     ) -> Self {
@@ -139,6 +142,7 @@ impl Connection {
             peer,
             accepted_at: Instant::now(),
             ledger,
+            link,
             startup: Some(startup),
             on_auth: Some(on_auth),
             grant: None,
@@ -188,6 +192,7 @@ impl Connection {
             command,
             pty: pending.pty,
             env: pending.env,
+            link: self.link.clone(),
         };
         let shared = self.shared.clone();
         self.shared
@@ -311,7 +316,7 @@ impl russh::server::Handler for Connection {
             peer: self.peer.ip(),
             now: unix_now(),
         };
-        match auth::verify(cert, &attempt, &self.shared.trust) {
+        match auth::verify(cert, &attempt, &self.shared.settings().trust) {
             Ok(grant) => {
                 let remaining = grant.valid_before.saturating_sub(attempt.now);
                 metrics::auth_accepted(self.accepted_at.elapsed(), remaining);
@@ -417,7 +422,8 @@ impl russh::server::Handler for Connection {
         value: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let allow = &self.shared.session.env_allow;
+        let settings = self.shared.settings();
+        let allow = &settings.session.env_allow;
         match self.pending.get_mut(&channel) {
             Some(pending)
                 if pending.env.len() < policy::MAX_ENV_VARS

@@ -1,0 +1,286 @@
+//! What ends an authenticated connection besides the client: certificate expiry (with
+//! warnings before it), revocation or a removed CA, idleness, and shutdown.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::io::AsyncWrite;
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::server::Shared;
+use crate::auth::{cert::still_valid, Grant, Rejection};
+
+/// How often idleness is checked.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// A message from the connection to its sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// Print this line and carry on.
+    Warn(String),
+    /// Print this line and end the session.
+    End(String),
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The client closed it (not the server's doing).
+    Closed,
+    /// `login_grace_time` passed before authentication.
+    LoginGrace,
+    /// The certificate expired.
+    Expired,
+    /// The certificate, its key or its CA was revoked.
+    Revoked,
+    /// Its CA is no longer trusted (removed by a reload).
+    CaRemoved,
+    /// No traffic for `idle_timeout`.
+    Idle,
+    /// The bastion is shutting down.
+    Shutdown,
+}
+
+impl Ended {
+    /// The `reason` of the audit event and of `benchgate_disconnects_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::LoginGrace => "login_grace_time",
+            Self::Expired => "expired",
+            Self::Revoked => "revoked",
+            Self::CaRemoved => "ca_removed",
+            Self::Idle => "idle",
+            Self::Shutdown => "shutdown",
+        }
+    }
+
+    /// What the person is told.
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::Closed => "benchgate: connection closed",
+            Self::LoginGrace => "benchgate: authentication took too long",
+            Self::Expired => "benchgate: your certificate has expired; closing the connection",
+            Self::Revoked => "benchgate: your certificate has been revoked; closing the connection",
+            Self::CaRemoved => {
+                "benchgate: your certificate's CA is no longer trusted; closing the connection"
+            }
+            Self::Idle => "benchgate: no activity for too long; closing the connection",
+            Self::Shutdown => "benchgate: the bastion is shutting down; closing the connection",
+        }
+    }
+}
+
+/// What one connection's sessions share with it: notices, and when traffic last passed.
+#[derive(Debug)]
+pub struct Link {
+    notices: broadcast::Sender<Notice>,
+    started: Instant,
+    last_activity_ms: AtomicU64,
+    sessions: AtomicU64,
+}
+
+impl Default for Link {
+    fn default() -> Self {
+        Self {
+            notices: broadcast::channel(16).0,
+            started: Instant::now(),
+            last_activity_ms: AtomicU64::new(0),
+            sessions: AtomicU64::new(0),
+        }
+    }
+}
+
+/// One running session of a connection; see [`Link::sessions_done`].
+#[derive(Debug)]
+pub struct SessionMark(Arc<Link>);
+
+impl Drop for SessionMark {
+    fn drop(&mut self) {
+        self.0.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Link {
+    /// Notices from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Notice> {
+        self.notices.subscribe()
+    }
+
+    /// Sends `notice` to every session of the connection.
+    pub fn tell(&self, notice: Notice) {
+        let _ = self.notices.send(notice);
+    }
+
+    /// Records traffic now.
+    pub fn touch(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_activity_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Counts a session as running until the mark is dropped.
+    pub fn session(self: &Arc<Self>) -> SessionMark {
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+        SessionMark(self.clone())
+    }
+
+    /// Waits (at most `limit`) until no session of the connection runs.
+    pub async fn sessions_done(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.sessions.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+}
+
+/// A writer that records activity on `link` and counts bytes with every write.
+pub struct Touching<W> {
+    inner: W,
+    link: Arc<Link>,
+    count: Arc<AtomicU64>,
+}
+
+impl<W> Touching<W> {
+    /// Wraps `inner`, adding what is written to `count`.
+    pub fn new(inner: W, link: Arc<Link>, count: Arc<AtomicU64>) -> Self {
+        Self { inner, link, count }
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Touching<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.link.touch();
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = written {
+            self.count.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        written
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// The instant `unix` seconds happen, or `None` when that is too far away to matter.
+fn instant_at(unix: u64) -> Option<Instant> {
+    const FAR: u64 = 100 * 365 * 24 * 3600;
+    let wait = unix.saturating_sub(unix_now());
+    (wait < FAR).then(|| Instant::now() + Duration::from_secs(wait))
+}
+
+/// "10 minutes", "1 minute", "30 seconds".
+pub fn spoken(lead: Duration) -> String {
+    let secs = lead.as_secs();
+    let (n, unit) = if secs >= 3600 && secs % 3600 == 0 {
+        (secs / 3600, "hour")
+    } else if secs >= 60 && secs % 60 == 0 {
+        (secs / 60, "minute")
+    } else {
+        (secs, "second")
+    };
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
+}
+
+/// Watches an authenticated connection until `closed` resolves (the client or russh ended
+/// it) or the server must end it, sending expiry warnings on the way.
+pub async fn supervise(
+    shared: &Shared,
+    grant: &Grant,
+    link: &Link,
+    closed: impl std::future::Future<Output = ()>,
+    shutdown: &CancellationToken,
+) -> Ended {
+    tokio::pin!(closed);
+    let mut settings_changes = shared.settings.subscribe();
+    let settings = shared.settings();
+    let now = unix_now();
+    // Warnings whose moment has already passed at login are skipped.
+    let mut warnings: Vec<Duration> = settings
+        .expiry_warnings
+        .iter()
+        .copied()
+        .filter(|lead| grant.valid_before.saturating_sub(now) > lead.as_secs())
+        .collect();
+    let expiry = instant_at(grant.valid_before);
+    let far = Instant::now() + Duration::from_secs(3600 * 24 * 365);
+    loop {
+        let settings = shared.settings();
+        let next_warning = warnings
+            .first()
+            .and_then(|lead| instant_at(grant.valid_before.saturating_sub(lead.as_secs())));
+        let idle_timeout = settings.idle_timeout;
+        tokio::select! {
+            _ = &mut closed => return Ended::Closed,
+            _ = shutdown.cancelled() => return Ended::Shutdown,
+            _ = tokio::time::sleep_until(next_warning.unwrap_or(far)), if next_warning.is_some() => {
+                let lead = warnings.remove(0);
+                link.tell(Notice::Warn(format!("benchgate: your certificate expires in {}", spoken(lead))));
+            }
+            _ = tokio::time::sleep_until(expiry.unwrap_or(far)), if expiry.is_some() && settings.disconnect_on_expiry => {
+                return Ended::Expired;
+            }
+            changed = settings_changes.changed() => {
+                if changed.is_err() {
+                    return Ended::Shutdown;
+                }
+                let settings = shared.settings();
+                match still_valid(&grant.certificate, &settings.trust) {
+                    Ok(()) => {}
+                    Err(Rejection::Revoked) => return Ended::Revoked,
+                    Err(_) => return Ended::CaRemoved,
+                }
+            }
+            _ = tokio::time::sleep(IDLE_CHECK), if idle_timeout.is_some() => {
+                if idle_timeout.is_some_and(|limit| link.idle_for() >= limit) {
+                    return Ended::Idle;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lead_times_are_spoken() {
+        assert_eq!(spoken(Duration::from_secs(600)), "10 minutes");
+        assert_eq!(spoken(Duration::from_secs(60)), "1 minute");
+        assert_eq!(spoken(Duration::from_secs(7200)), "2 hours");
+        assert_eq!(spoken(Duration::from_secs(90)), "90 seconds");
+        assert_eq!(spoken(Duration::from_secs(1)), "1 second");
+    }
+
+    #[test]
+    fn far_future_has_no_instant() {
+        assert!(instant_at(u64::MAX).is_none());
+        assert!(instant_at(0).is_some());
+    }
+}
