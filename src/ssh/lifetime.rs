@@ -197,9 +197,9 @@ fn instant_at(unix: u64) -> Option<Instant> {
 /// "10 minutes", "1 minute", "30 seconds".
 pub fn spoken(lead: Duration) -> String {
     let secs = lead.as_secs();
-    let (n, unit) = if secs >= 3600 && secs % 3600 == 0 {
+    let (n, unit) = if secs >= 3600 && secs.is_multiple_of(3600) {
         (secs / 3600, "hour")
-    } else if secs >= 60 && secs % 60 == 0 {
+    } else if secs >= 60 && secs.is_multiple_of(60) {
         (secs / 60, "minute")
     } else {
         (secs, "second")
