@@ -67,6 +67,17 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
     )
     .context("server.host_keys")?;
     let mut report = format!("# {source}: OK\n");
+    if let Some(path) = &config.auth.revoked_keys.0 {
+        match benchgate::auth::revocation::Revocation::load(path) {
+            benchgate::auth::revocation::Revocation::Unavailable { reason, .. } => {
+                anyhow::bail!(
+                    "auth.revoked_keys {}: {reason} (every login would be refused)",
+                    path.display()
+                )
+            }
+            _ => report += &format!("# revocation list {} loaded\n", path.display()),
+        }
+    }
     for ca in &trust.cas {
         report += &format!("# trusted user CA {}\n", ca.fingerprint);
     }
@@ -107,7 +118,12 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
             benchgate::metrics::install(addr)
                 .with_context(|| format!("metrics.listen: cannot serve on {addr}"))?;
         }
-        tokio::spawn(signals(shutdown.clone()));
+        let config_path = (source != "built-in defaults").then(|| PathBuf::from(&source));
+        tokio::spawn(signals(
+            shutdown.clone(),
+            config_path,
+            shared.settings.clone(),
+        ));
         tracing::info!(config = %source, listen = ?config.server.listen.0, "benchgate ready");
         benchgate::ssh::server::serve(shared, listeners, shutdown).await;
         tracing::info!("benchgate stopped");
@@ -115,8 +131,14 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
     })
 }
 
-/// SIGTERM and SIGINT start an orderly shutdown; SIGHUP is logged (reload is not built yet).
-async fn signals(shutdown: CancellationToken) {
+/// SIGTERM and SIGINT start an orderly shutdown. SIGHUP reloads the settings from `path`
+/// (the old ones stay when the new file is bad); without a config file there is nothing to
+/// reload.
+async fn signals(
+    shutdown: CancellationToken,
+    path: Option<PathBuf>,
+    settings: tokio::sync::watch::Sender<std::sync::Arc<benchgate::settings::Settings>>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -130,7 +152,23 @@ async fn signals(shutdown: CancellationToken) {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => tracing::warn!("SIGHUP: configuration reload is not supported by this version; restart to apply changes"),
+            _ = hup.recv() => match &path {
+                None => tracing::warn!("SIGHUP: running on built-in defaults, nothing to reload"),
+                Some(path) => match benchgate::settings::reload(path, &settings) {
+                    Ok(()) => {
+                        benchgate::metrics::config_reload(true);
+                        tracing::info!(
+                            config = %path.display(),
+                            "reloaded: trust, revocations, session and lifetime settings \
+                             (listeners, host keys, limits and Docker endpoints need a restart)"
+                        );
+                    }
+                    Err(e) => {
+                        benchgate::metrics::config_reload(false);
+                        tracing::error!(config = %path.display(), error = %format!("{e:#}"), "reload failed; the previous settings stay in force");
+                    }
+                },
+            },
         }
     }
     tracing::info!("shutting down");

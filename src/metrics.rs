@@ -33,6 +33,8 @@ pub const EXEC_START_SECONDS: &str = "benchgate_exec_start_seconds";
 pub const SESSION_DURATION_SECONDS: &str = "benchgate_session_duration_seconds";
 /// Bytes through sessions.
 pub const BYTES_TOTAL: &str = "benchgate_bytes_total";
+/// Configuration reloads by result.
+pub const CONFIG_RELOADS_TOTAL: &str = "benchgate_config_reloads_total";
 /// Time from accept to successful authentication.
 pub const HANDSHAKE_SECONDS: &str = "benchgate_handshake_seconds";
 /// Seconds left on certificates at login.
@@ -172,6 +174,13 @@ fn describe() {
         counter!(DISCONNECTS_TOTAL, "reason" => reason).absolute(0);
     }
     gauge!(BENCHES_KNOWN).set(0.0);
+    describe_counter!(
+        CONFIG_RELOADS_TOTAL,
+        "Configuration reloads (SIGHUP) by result"
+    );
+    for result in ["ok", "error"] {
+        counter!(CONFIG_RELOADS_TOTAL, "result" => result).absolute(0);
+    }
 }
 
 /// A connection ended or was turned away.
@@ -264,4 +273,9 @@ pub fn session_ended(
     histogram!(SESSION_DURATION_SECONDS).record(duration.as_secs_f64());
     counter!(BYTES_TOTAL, "direction" => "in").increment(bytes_in);
     counter!(BYTES_TOTAL, "direction" => "out").increment(bytes_out);
+}
+
+/// A SIGHUP reload succeeded or failed.
+pub fn config_reload(ok: bool) {
+    counter!(CONFIG_RELOADS_TOTAL, "result" => if ok { "ok" } else { "error" }).increment(1);
 }

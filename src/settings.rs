@@ -2,15 +2,15 @@
 //! list), session settings, expiry and idle policy — and how SIGHUP and the revocation file
 //! replace them atomically.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::revocation::Revocation;
+use crate::auth::revocation::{Revocation, Stamp};
 use crate::auth::Trust;
 use crate::config::{self, Config};
 
@@ -30,18 +30,14 @@ pub struct Settings {
     pub disconnect_on_expiry: bool,
     /// End connections idle this long.
     pub idle_timeout: Option<Duration>,
-    /// The revocation list file, if any.
-    pub revoked_keys: Option<PathBuf>,
 }
 
 impl Settings {
     /// Loads what `config` names. A missing or corrupt revocation list is not an error here:
     /// it is kept as unavailable, which refuses every login.
     pub fn load(config: &Config) -> anyhow::Result<Self> {
-        let revoked_keys = config.auth.revoked_keys.0.clone();
-        let revocation = revoked_keys
-            .as_deref()
-            .map_or(Revocation::Off, Revocation::load);
+        let revoked_keys = config.auth.revoked_keys.0.as_deref();
+        let revocation = revoked_keys.map_or(Revocation::Off, Revocation::load);
         report(&revocation);
         let trust = Trust::load(
             &config.auth.trusted_user_ca_keys.0,
@@ -59,7 +55,6 @@ impl Settings {
             expiry_warnings,
             disconnect_on_expiry: config.auth.disconnect_on_expiry,
             idle_timeout: config.server.idle_timeout.nonzero(),
-            revoked_keys,
         })
     }
 }
@@ -67,10 +62,10 @@ impl Settings {
 fn report(revocation: &Revocation) {
     match revocation {
         Revocation::Off => {}
-        Revocation::Loaded { path, list } => {
+        Revocation::Loaded { path, list, .. } => {
             tracing::info!(path = %path.display(), entries = list.len(), "revocation list loaded");
         }
-        Revocation::Unavailable { path, reason } => tracing::error!(
+        Revocation::Unavailable { path, reason, .. } => tracing::error!(
             path = %path.display(), %reason,
             "revocation list unavailable: every login is refused until it is fixed"
         ),
@@ -91,29 +86,19 @@ pub async fn follow_revocations(
     settings: watch::Sender<Arc<Settings>>,
     shutdown: CancellationToken,
 ) {
-    let mut seen: Option<(PathBuf, Option<Stamp>)> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(REVOCATION_POLL) => {}
         }
-        let current = settings.borrow().revoked_keys.clone();
-        let Some(path) = current else {
-            seen = None;
+        let current = settings.borrow().clone();
+        let Some((path, seen)) = current.trust.revocation.source() else {
             continue;
         };
-        let stamp = stamp(&path);
-        match &seen {
-            Some((seen_path, seen_stamp)) if *seen_path == path && *seen_stamp == stamp => continue,
-            // The first look records what the settings were loaded from.
-            None => {
-                seen = Some((path, stamp));
-                continue;
-            }
-            Some(_) => {}
+        if Stamp::of(path).as_ref() == seen {
+            continue;
         }
-        seen = Some((path.clone(), stamp));
-        let revocation = Revocation::load(&path);
+        let revocation = Revocation::load(path);
         report(&revocation);
         settings.send_modify(|current| {
             let mut next = Settings::clone(current);
@@ -121,22 +106,4 @@ pub async fn follow_revocations(
             *current = Arc::new(next);
         });
     }
-}
-
-/// What identifies one version of a file: a replaced file has a new inode.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp {
-    inode: u64,
-    len: u64,
-    modified: Option<SystemTime>,
-}
-
-fn stamp(path: &Path) -> Option<Stamp> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).ok()?;
-    Some(Stamp {
-        inode: meta.ino(),
-        len: meta.len(),
-        modified: meta.modified().ok(),
-    })
 }

@@ -58,6 +58,8 @@ pub enum Revocation {
     Loaded {
         /// Where it was read from.
         path: std::path::PathBuf,
+        /// Which version of the file.
+        stamp: Option<Stamp>,
         /// What it revokes.
         list: std::sync::Arc<Revocations>,
     },
@@ -65,6 +67,8 @@ pub enum Revocation {
     Unavailable {
         /// Where it should be.
         path: std::path::PathBuf,
+        /// Which version of the file (`None`: missing).
+        stamp: Option<Stamp>,
         /// Why it cannot be used.
         reason: String,
     },
@@ -75,14 +79,52 @@ impl Revocation {
     /// treated as "nothing revoked".
     pub fn load(path: &std::path::Path) -> Self {
         let path = path.to_owned();
+        // Stamped before reading, so a change made during the read is seen as a change.
+        let stamp = Stamp::of(&path);
         let read = std::fs::read(&path).map_err(|e| e.to_string());
         match read.and_then(|bytes| Revocations::parse(&bytes).map_err(|e| e.to_string())) {
             Ok(list) => Self::Loaded {
                 path,
+                stamp,
                 list: std::sync::Arc::new(list),
             },
-            Err(reason) => Self::Unavailable { path, reason },
+            Err(reason) => Self::Unavailable {
+                path,
+                stamp,
+                reason,
+            },
         }
+    }
+
+    /// The file and the version of it this was read from.
+    pub fn source(&self) -> Option<(&std::path::Path, Option<&Stamp>)> {
+        match self {
+            Self::Off => None,
+            Self::Loaded { path, stamp, .. } | Self::Unavailable { path, stamp, .. } => {
+                Some((path, stamp.as_ref()))
+            }
+        }
+    }
+}
+
+/// What identifies one version of a file: a replaced file has a new inode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamp {
+    inode: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl Stamp {
+    /// The stamp of the file at `path` now, `None` if it cannot be seen.
+    pub fn of(path: &std::path::Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        Some(Self {
+            inode: meta.ino(),
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
     }
 }
 

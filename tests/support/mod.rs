@@ -2,6 +2,7 @@
 //! and the real OpenSSH client with a pinned host key.
 #![allow(dead_code)]
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -21,7 +22,10 @@ pub const BENCH: &str = "no-container-bench";
 pub struct Bastion {
     pub dir: TempDir,
     pub addr: SocketAddr,
-    pub shared: Arc<benchgate::ssh::server::Shared>,
+    /// The daemon's state when it runs in the test process.
+    pub shared: Option<Arc<benchgate::ssh::server::Shared>>,
+    /// The daemon when it runs as `benchgate serve` (for signals).
+    pub process: Option<std::process::Child>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -64,14 +68,7 @@ impl Bastion {
     /// Starts a daemon trusting a fresh CA `ca`, with `edit` applied to its config.
     pub async fn start(edit: impl FnOnce(&Path, &mut Config)) -> Self {
         benchgate::logging::init(benchgate::config::LogFormat::Text);
-        let dir = tempfile::tempdir().unwrap();
-        keygen(dir.path(), "ca", "ed25519");
-        let mut config = Config::default();
-        config.server.host_keys = NonEmpty(vec![dir.path().join("host_key")]);
-        config.auth.trusted_user_ca_keys = NonEmpty(vec![dir.path().join("ca.pub")]);
-        config.metrics.listen = Optional(None);
-        config.log.audit_file = Optional(Some(dir.path().join("audit.log")));
-        edit(dir.path(), &mut config);
+        let (dir, config) = Self::prepare(edit);
         let shutdown = CancellationToken::new();
         let shared = benchgate::start(&config, shutdown.clone()).await.unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -81,23 +78,88 @@ impl Bastion {
             vec![listener],
             shutdown.clone(),
         ));
-        let host_pub = run(
-            "ssh-keygen",
-            &["-y", "-f", dir.path().join("host_key").to_str().unwrap()],
-        );
-        let line = format!(
-            "[127.0.0.1]:{} {}",
-            addr.port(),
-            String::from_utf8_lossy(&host_pub.stdout)
-        );
-        std::fs::write(dir.path().join("known_hosts"), line).unwrap();
+        pin_host_key(dir.path(), addr);
         Self {
             dir,
             addr,
-            shared,
+            shared: Some(shared),
+            process: None,
             shutdown,
             task: Some(task),
         }
+    }
+
+    /// Runs `benchgate serve` as a process with the config written to `benchgate.toml` (its log
+    /// in `daemon.log`), so tests can send it signals.
+    pub async fn spawn(edit: impl FnOnce(&Path, &mut Config)) -> Self {
+        let (dir, mut config) = Self::prepare(edit);
+        let addr: SocketAddr = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap()
+        };
+        config.server.listen = NonEmpty(vec![addr]);
+        std::fs::write(dir.path().join("benchgate.toml"), config.to_toml()).unwrap();
+        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+        let process = std::process::Command::new(env!("CARGO_BIN_EXE_benchgate"))
+            .args([
+                "serve",
+                "--config",
+                dir.path().join("benchgate.toml").to_str().unwrap(),
+            ])
+            .env("RUST_LOG", "info")
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(addr).is_ok() {
+                pin_host_key(dir.path(), addr);
+                return Self {
+                    dir,
+                    addr,
+                    shared: None,
+                    process: Some(process),
+                    shutdown: CancellationToken::new(),
+                    task: None,
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut process = process;
+        let _ = process.kill();
+        let _ = process.wait();
+        panic!(
+            "benchgate never listened: {}",
+            std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default()
+        );
+    }
+
+    /// A temp dir with a CA `ca`, and a config for it with `edit` applied.
+    fn prepare(edit: impl FnOnce(&Path, &mut Config)) -> (TempDir, Config) {
+        let dir = tempfile::tempdir().unwrap();
+        keygen(dir.path(), "ca", "ed25519");
+        let mut config = Config::default();
+        config.server.host_keys = NonEmpty(vec![dir.path().join("host_key")]);
+        config.auth.trusted_user_ca_keys = NonEmpty(vec![dir.path().join("ca.pub")]);
+        config.metrics.listen = Optional(None);
+        config.log.audit_file = Optional(Some(dir.path().join("audit.log")));
+        edit(dir.path(), &mut config);
+        (dir, config)
+    }
+
+    /// Sends `signal` ("-HUP", "-TERM") to the daemon process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self
+            .process
+            .as_ref()
+            .expect("a spawned daemon")
+            .id()
+            .to_string();
+        run("kill", &[signal, &pid]);
+    }
+
+    /// The daemon process's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -200,9 +262,13 @@ impl Bastion {
 
     /// Waits (bounded) until the index shows `bench` running.
     pub async fn wait_for_bench(&self, bench: &str) {
+        let Some(shared) = &self.shared else {
+            // A daemon process knows its benches at start (the container is started first).
+            return;
+        };
         for _ in 0..200 {
             if matches!(
-                self.shared.benches.lookup(bench),
+                shared.benches.lookup(bench),
                 benchgate::docker::Lookup::Running(_)
             ) {
                 return;
@@ -246,31 +312,69 @@ impl Bastion {
     /// Runs `ssh` and returns the reasons of the `auth.rejected` events of that connection,
     /// asserting the client was denied.
     pub async fn rejection_reasons(&self, user: &str, key: &Path, extra: &[&str]) -> Vec<String> {
-        let closed_before = self.closed_count();
+        let known = self.known_peers();
         let result = self.ssh(user, key, extra).await;
         result.assert_denied();
-        let events = self.audit_after_closed(closed_before + 1).await;
-        let peer = events
-            .iter()
-            .rfind(|e| e["event"] == "connection.closed")
-            .map(|e| e["peer"].clone())
-            .unwrap();
-        let mine: Vec<_> = events.iter().filter(|e| e["peer"] == peer).collect();
-        assert!(
-            !mine.iter().any(|e| e["event"] == "auth.accepted"),
-            "unexpected acceptance: {mine:#?}"
-        );
-        mine.iter()
-            .filter(|e| e["event"] == "auth.rejected")
-            .map(|e| e["reason"].as_str().unwrap().to_owned())
-            .collect()
+        self.reasons_of_last_connection(known).await
     }
 
-    fn closed_count(&self) -> usize {
+    /// Retries (bounded, 10 s) until a login as `user` with `key` is refused with `reason`:
+    /// for changes the daemon picks up by itself.
+    pub async fn eventually_refused_for(&self, user: &str, key: &Path, reason: &str) {
+        let mut last = Vec::new();
+        for _ in 0..50 {
+            let known = self.known_peers();
+            if self
+                .ssh(user, key, &[])
+                .await
+                .stderr
+                .contains("Permission denied")
+            {
+                last = self.reasons_of_last_connection(known).await;
+                if last.iter().any(|r| r == reason) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("never refused for {reason}; last reasons {last:?}");
+    }
+
+    /// The `auth.rejected` reasons of the one connection whose peer is not in `known`.
+    async fn reasons_of_last_connection(&self, known: HashSet<String>) -> Vec<String> {
+        // The new connection is the one whose peer address no earlier event mentions.
+        for _ in 0..200 {
+            let events = self.audit();
+            let new_closed = events.iter().find(|e| {
+                e["event"] == "connection.closed"
+                    && !known.contains(e["peer"].as_str().unwrap_or_default())
+            });
+            if let Some(closed) = new_closed {
+                let mine: Vec<_> = events
+                    .iter()
+                    .filter(|e| e["peer"] == closed["peer"])
+                    .collect();
+                assert!(
+                    !mine.iter().any(|e| e["event"] == "auth.accepted"),
+                    "unexpected acceptance: {mine:#?}"
+                );
+                return mine
+                    .iter()
+                    .filter(|e| e["event"] == "auth.rejected")
+                    .map(|e| e["reason"].as_str().unwrap().to_owned())
+                    .collect();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the new connection never closed: {:#?}", self.audit());
+    }
+
+    /// Every peer address the audit trail mentions so far.
+    fn known_peers(&self) -> HashSet<String> {
         self.audit()
             .iter()
-            .filter(|e| e["event"] == "connection.closed")
-            .count()
+            .filter_map(|e| e["peer"].as_str().map(str::to_owned))
+            .collect()
     }
 
     /// Stops the daemon and waits for it.
@@ -288,7 +392,29 @@ impl Bastion {
 impl Drop for Bastion {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        if let Some(process) = &mut self.process {
+            let _ = process.kill();
+            let _ = process.wait();
+        }
     }
+}
+
+/// Writes `known_hosts` in `dir` pinning the host key the daemon created there.
+fn pin_host_key(dir: &Path, addr: SocketAddr) {
+    let key = dir.join("host_key");
+    for _ in 0..100 {
+        if key.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let host_pub = run("ssh-keygen", &["-y", "-f", key.to_str().unwrap()]);
+    let line = format!(
+        "[127.0.0.1]:{} {}",
+        addr.port(),
+        String::from_utf8_lossy(&host_pub.stdout)
+    );
+    std::fs::write(dir.join("known_hosts"), line).unwrap();
 }
 
 /// What a client command did.
