@@ -58,6 +58,8 @@ pub struct Server {
     pub shutdown_grace: Span,
     /// Expect PROXY protocol headers from a load balancer.
     pub proxy_protocol: bool,
+    /// Addresses or networks ("10.0.0.0/8") allowed to send PROXY headers.
+    pub trusted_proxies: Vec<Net>,
 }
 
 impl Default for Server {
@@ -77,6 +79,7 @@ impl Default for Server {
             idle_timeout: Span::secs(0),
             shutdown_grace: Span::secs(30),
             proxy_protocol: false,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -256,6 +259,33 @@ impl Serialize for Span {
     }
 }
 
+/// An IP network ("10.0.0.0/8"), or one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Net(pub ipnet::IpNet);
+
+impl Net {
+    /// Whether `ip` is inside.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        self.0.contains(&ip.to_canonical())
+    }
+}
+
+impl<'de> Deserialize<'de> for Net {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map(|net| Net(net.trunc()))
+            .map_err(|_| serde::de::Error::custom(format!("invalid address or network {text:?}")))
+    }
+}
+
+impl Serialize for Net {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&self.0)
+    }
+}
+
 /// A list that must hold at least one item.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NonEmpty<T>(pub Vec<T>);
@@ -346,13 +376,12 @@ impl Config {
                 message: format!("{}{snippet}", e.message()),
             }
         })?;
-        if config.server.proxy_protocol {
+        if config.server.proxy_protocol && config.server.trusted_proxies.is_empty() {
             return Err(Error::at(
                 path,
                 text,
                 "proxy_protocol",
-                "server.proxy_protocol: PROXY protocol is not supported by this version; \
-                 set it to false",
+                "server.proxy_protocol: list the load balancers' addresses in server.trusted_proxies",
             ));
         }
         if config.session.record_dir.0.is_some() {
@@ -460,6 +489,7 @@ mod tests {
             ("[log]\nformat = \"xml\"\n", 2),
             ("[auth]\nrevoked_key = \"/x\"\n", 2),
             ("[server]\nproxy_protocol = true\n", 2),
+            ("[server]\ntrusted_proxies = [\"10.0.0.0/33\"]\n", 2),
         ] {
             let err = parse(text).expect_err(text);
             assert_eq!(err.line, Some(line), "{text}: {err}");

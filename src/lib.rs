@@ -10,6 +10,7 @@ pub mod docker;
 pub mod logging;
 pub mod metrics;
 pub mod policy;
+pub mod proxy_protocol;
 pub mod settings;
 pub mod ssh;
 

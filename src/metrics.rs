@@ -76,16 +76,22 @@ pub enum Outcome {
     MaxStartups,
     /// Turned away: `max_startups_per_source`.
     MaxStartupsPerSource,
+    /// Turned away: PROXY protocol expected from an address not in `trusted_proxies`.
+    UntrustedProxy,
+    /// Turned away: no valid PROXY header.
+    ProxyHeader,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 6] = [
+    const ALL: [Outcome; 8] = [
         Self::Authenticated,
         Self::Unauthenticated,
         Self::LoginTimeout,
         Self::MaxConnections,
         Self::MaxStartups,
         Self::MaxStartupsPerSource,
+        Self::UntrustedProxy,
+        Self::ProxyHeader,
     ];
 
     /// The label value.
@@ -97,6 +103,8 @@ impl Outcome {
             Self::MaxConnections => "max_connections",
             Self::MaxStartups => "max_startups",
             Self::MaxStartupsPerSource => "max_startups_per_source",
+            Self::UntrustedProxy => "untrusted_proxy",
+            Self::ProxyHeader => "proxy_header",
         }
     }
 }

@@ -24,9 +24,10 @@ use super::lifetime::{self, Ended, Link, Notice};
 use super::prechecks::{Sink, Watch};
 use super::session::{Connection, Ledger};
 use crate::audit::{Audit, Event, Kind};
-use crate::config::Config;
+use crate::config::{Config, Net};
 use crate::docker::Index;
 use crate::metrics::{self, Outcome};
+use crate::proxy_protocol;
 use crate::settings::Settings;
 
 /// Everything connections share: policy, audit sink, SSH settings and limits.
@@ -41,6 +42,8 @@ pub struct Shared {
     pub bench_slots: BenchSlots,
     /// Channels one connection may have open.
     pub max_sessions_per_connection: usize,
+    /// Load balancers allowed to send PROXY headers, when the protocol is on.
+    pub trusted_proxies: Option<Vec<Net>>,
     /// Background work (session teardown) that shutdown waits for.
     pub tracker: TaskTracker,
     ssh: Arc<SshConfig>,
@@ -103,6 +106,9 @@ impl Shared {
             benches,
             bench_slots: BenchSlots::new(config.session.max_sessions_per_bench.get() as usize),
             max_sessions_per_connection: server.max_sessions_per_connection.get() as usize,
+            trusted_proxies: server
+                .proxy_protocol
+                .then(|| server.trusted_proxies.clone()),
             tracker: TaskTracker::new(),
             ssh: Arc::new(ssh),
             login_grace: server.login_grace_time.0,
@@ -167,23 +173,50 @@ async fn accept_loop(gate: Arc<Gate>, listener: TcpListener) {
             turn_away(peer, Outcome::MaxConnections);
             continue;
         };
-        let slot = match gate.startups.claim(peer.ip()) {
-            Ok(slot) => slot,
-            Err(outcome) => {
-                turn_away(peer, outcome);
-                continue;
-            }
-        };
         next_conn += 1;
         let span = tracing::info_span!("conn", conn = next_conn, %peer);
         let gate2 = gate.clone();
         gate.tracker.spawn(
             async move {
-                connection(&gate2, stream, peer, slot).await;
+                let accepted = Instant::now();
+                let (mut stream, mut peer) = (stream, peer);
+                if let Some(trusted) = &gate2.shared.trusted_proxies {
+                    match client_behind_proxy(&mut stream, peer, trusted, gate2.shared.login_grace)
+                        .await
+                    {
+                        Ok(client) => peer = client,
+                        Err(outcome) => return turn_away(peer, outcome),
+                    }
+                }
+                match gate2.startups.claim(peer.ip()) {
+                    Ok(slot) => connection(&gate2, stream, peer, slot, accepted).await,
+                    Err(outcome) => turn_away(peer, outcome),
+                }
                 drop(permit);
             }
             .instrument(span),
         );
+    }
+}
+
+/// The real client address from the PROXY header a trusted load balancer sends first; a
+/// header that names none (a health check) leaves the balancer's own address.
+async fn client_behind_proxy(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    trusted: &[Net],
+    limit: Duration,
+) -> Result<SocketAddr, Outcome> {
+    if !trusted.iter().any(|net| net.contains(peer.ip())) {
+        return Err(Outcome::UntrustedProxy);
+    }
+    match tokio::time::timeout(limit, proxy_protocol::read_header(stream)).await {
+        Ok(Ok(client)) => Ok(client.unwrap_or(peer)),
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, error = %e, "bad PROXY header");
+            Err(Outcome::ProxyHeader)
+        }
+        Err(_) => Err(Outcome::ProxyHeader),
     }
 }
 
@@ -192,10 +225,17 @@ fn turn_away(peer: SocketAddr, outcome: Outcome) {
     metrics::connection(outcome);
 }
 
-async fn connection(gate: &Gate, stream: TcpStream, peer: SocketAddr, slot: StartupSlot) {
+/// Serves one connection from `peer` (the real client, behind a proxy too), accepted at
+/// `started`: the login grace counts from then.
+async fn connection(
+    gate: &Gate,
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: StartupSlot,
+    started: Instant,
+) {
     let shared = &gate.shared;
     let _active = metrics::ActiveConnection::open();
-    let started = Instant::now();
     let deadline = started + shared.login_grace;
     let ledger = Arc::new(Ledger::default());
     let sink: Arc<dyn Sink> = ledger.clone();

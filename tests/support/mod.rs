@@ -146,6 +146,17 @@ impl Bastion {
         (dir, config)
     }
 
+    /// Makes clients connect through `addr` (a relay in front of the daemon).
+    pub fn reach_via(&mut self, addr: SocketAddr) {
+        let known = std::fs::read_to_string(self.path("known_hosts")).unwrap();
+        let known = known.replace(
+            &format!("]:{} ", self.addr.port()),
+            &format!("]:{} ", addr.port()),
+        );
+        std::fs::write(self.path("known_hosts"), known).unwrap();
+        self.addr = addr;
+    }
+
     /// Sends `signal` ("-HUP", "-TERM") to the daemon process.
     pub fn signal(&self, signal: &str) {
         let pid = self
