@@ -11,15 +11,16 @@ use std::time::Duration;
 use benchgate::config::{Optional, Span};
 use support::{keygen, run, Bastion, Container, Run};
 
-/// Runs `sleep 1000` in `bench` as a session that the test expects the server to end, while
+/// Runs `sleep 1000` in `bench` (ssh options `extra`) as a session that the test expects the server to end, while
 /// `during` runs once the process is up. Returns what the client saw.
 async fn ended_session(
     bastion: &Bastion,
     bench: &Container,
     key: &Path,
+    extra: &[&str],
     during: impl std::future::Future<Output = ()>,
 ) -> Run {
-    let session = bastion.exec(&bench.bench, key, &[], "sleep 1000", b"");
+    let session = bastion.exec(&bench.bench, key, extra, "sleep 1000", b"");
     let action = async {
         for _ in 0..100 {
             if bench.processes().iter().any(|p| p.contains("sleep 1000")) {
@@ -42,10 +43,11 @@ async fn expiring_certificate_is_warned_then_disconnected() {
     .await;
     let key = bastion.user_with_cert("user", "ca", &["-n", &container.bench, "-V", "-1m:+15s"]);
     bastion.wait_for_bench(&container.bench).await;
-    let run = ended_session(&bastion, &container, &key, async {}).await;
+    // An interactive (terminal) session, as a person would have open.
+    let run = ended_session(&bastion, &container, &key, &["-tt"], async {}).await;
     assert!(
         run.stderr
-            .contains("benchgate: your certificate expires in 8 seconds"),
+            .contains("benchgate: your certificate expires in 8 seconds\r\n"),
         "{run:?}"
     );
     assert!(
@@ -92,7 +94,7 @@ fn public_key(key: &Path) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn krl_revokes_by_serial_key_id_key_and_ca_key() {
+async fn krl_revokes_by_serial_key_id_key_fingerprint_and_ca_key() {
     let container = Container::start(&[]);
     let bastion = Bastion::start(|dir, config| {
         keygen(dir, "ca2", "ed25519");
@@ -112,20 +114,27 @@ async fn krl_revokes_by_serial_key_id_key_and_ca_key() {
     let by_id = sign("by_id", "ca", &["-I", "leaked-laptop"]);
     let by_key = sign("by_key", "ca", &[]);
     let by_ca = sign("by_ca", "ca2", &[]);
+    let by_sha1 = sign("by_sha1", "ca", &[]);
+    let by_sha256 = sign("by_sha256", "ca", &[]);
+    let serial_zero = sign("serial_zero", "ca", &["-z", "0"]);
     let good = sign("good", "ca", &["-z", "1006"]);
     let spec = format!(
-        "serial: 1005\nid: leaked-laptop\nkey: {}\nkey: {}\n",
+        "serial: 1-3\nserial: 1005\nid: leaked-laptop\nkey: {}\nkey: {}\nsha1: {}\nsha256: {}\n",
         public_key(&by_key),
-        public_key(&bastion.path("ca2"))
+        public_key(&bastion.path("ca2")),
+        public_key(&by_sha1),
+        public_key(&by_sha256)
     );
     write_krl(&bastion.path("revoked.krl"), &bastion.path("ca.pub"), &spec);
     bastion.wait_for_bench(bench).await;
     // The file is re-read within a second or so of the change.
-    for key in [&by_serial, &by_id, &by_key, &by_ca] {
+    for key in [&by_serial, &by_id, &by_key, &by_ca, &by_sha1, &by_sha256] {
         bastion.eventually_refused_for(bench, key, "revoked").await;
     }
-    let run = bastion.exec(bench, &good, &[], "echo fine", b"").await;
-    assert_eq!(run.stdout_text(), "fine\n", "{run:?}");
+    for key in [&good, &serial_zero] {
+        let run = bastion.exec(bench, key, &[], "echo fine", b"").await;
+        assert_eq!(run.stdout_text(), "fine\n", "{key:?}: {run:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -143,7 +152,7 @@ async fn revoking_a_live_session_ends_it_and_others_keep_working() {
     bastion.wait_for_bench(bench).await;
     let started = std::time::Instant::now();
     let (krl, ca) = (bastion.path("revoked.krl"), bastion.path("ca.pub"));
-    let run = ended_session(&bastion, &container, &doomed, async {
+    let run = ended_session(&bastion, &container, &doomed, &[], async {
         write_krl(&krl, &ca, "serial: 42\n");
     })
     .await;
@@ -220,7 +229,7 @@ async fn idle_sessions_end_with_a_message() {
         .await;
     assert_eq!(run.stdout_text(), "1\n2\n3\n4\n", "{run:?}");
     // ...silence does not.
-    let run = ended_session(&bastion, &container, &key, async {}).await;
+    let run = ended_session(&bastion, &container, &key, &[], async {}).await;
     assert!(run.stderr.contains("no activity for too long"), "{run:?}");
     container.wait_gone("sleep 1000").await;
 }
@@ -260,7 +269,7 @@ async fn sighup_applies_a_good_config_and_keeps_the_old_one_on_a_bad_one() {
         without_ca2, original,
         "the test could not remove ca2 from the config"
     );
-    let run = ended_session(&bastion, &container, &from_ca2, async {
+    let run = ended_session(&bastion, &container, &from_ca2, &[], async {
         std::fs::write(&config_path, &without_ca2).unwrap();
         bastion.signal("-HUP");
     })
@@ -280,7 +289,7 @@ async fn sigterm_tells_sessions_and_exits_cleanly() {
     })
     .await;
     let key = bastion.user_with_cert("user", "ca", &["-n", &container.bench, "-V", "-5m:+1h"]);
-    let run = ended_session(&bastion, &container, &key, async {
+    let run = ended_session(&bastion, &container, &key, &[], async {
         bastion.signal("-TERM");
     })
     .await;

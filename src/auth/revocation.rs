@@ -465,6 +465,50 @@ mod tests {
         }
     }
 
+    /// A KRL (built by hand: ssh-keygen will not write serial 0) whose certificate section
+    /// for any CA revokes the serial range `lo..=hi`.
+    fn krl_with_range(lo: u64, hi: u64) -> Vec<u8> {
+        let mut range = vec![CERT_SERIAL_RANGE, 0, 0, 0, 16];
+        range.extend_from_slice(&lo.to_be_bytes());
+        range.extend_from_slice(&hi.to_be_bytes());
+        let mut section = vec![0, 0, 0, 0, 0, 0, 0, 0]; // any CA, no reserved bytes
+        section.extend_from_slice(&range);
+        let mut krl = KRL_MAGIC.to_vec();
+        krl.extend_from_slice(&1u32.to_be_bytes());
+        krl.extend_from_slice(&[0u8; 24]);
+        krl.extend_from_slice(&[0u8; 8]);
+        krl.push(SECTION_CERTIFICATES);
+        krl.extend_from_slice(&(section.len() as u32).to_be_bytes());
+        krl.extend_from_slice(&section);
+        krl
+    }
+
+    fn cert_with_serial(serial: u64) -> Certificate {
+        use ssh_key::certificate::{Builder, CertType};
+        let mut rng = rand::rng();
+        let ca = ssh_key::PrivateKey::random(&mut rng, ssh_key::Algorithm::Ed25519).unwrap();
+        let user = ssh_key::PrivateKey::random(&mut rng, ssh_key::Algorithm::Ed25519).unwrap();
+        let mut builder =
+            Builder::new([3u8; 16], user.public_key().key_data().clone(), 0, u64::MAX).unwrap();
+        builder.cert_type(CertType::User).unwrap();
+        builder.serial(serial).unwrap();
+        builder.valid_principal("shop").unwrap();
+        builder.sign(&ca).unwrap()
+    }
+
+    #[test]
+    fn serial_ranges_never_match_serial_zero() {
+        let list = Revocations::parse(&krl_with_range(0, 10)).unwrap();
+        assert_eq!(list.check(&cert_with_serial(0)), None);
+        assert_eq!(list.check(&cert_with_serial(1)), Some(Revoked::Serial));
+        assert_eq!(list.check(&cert_with_serial(10)), Some(Revoked::Serial));
+        assert_eq!(list.check(&cert_with_serial(11)), None);
+        assert!(matches!(
+            Revocations::parse(&krl_with_range(5, 4)),
+            Err(KrlError::Malformed(_))
+        ));
+    }
+
     #[test]
     fn huge_declared_lengths_are_refused_not_allocated() {
         let mut krl = KRL_MAGIC.to_vec();

@@ -176,7 +176,10 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
                         break;
                     }
                 }
-                ChannelMsg::Eof => {
+                // With a terminal, EOF is a ^D the client types, sent as data; a channel EOF
+                // (`ssh -tt < /dev/null`) must not end the attach, which Docker would treat as
+                // the end of the session. Without one, it is the command's stdin closing.
+                ChannelMsg::Eof if !tty => {
                     let _ = input.shutdown().await;
                 }
                 ChannelMsg::WindowChange {
