@@ -244,12 +244,21 @@ impl Span {
     }
 }
 
+/// Longest duration accepted anywhere in the file (longer ones are typos, and would overflow
+/// clock arithmetic).
+const MAX_SPAN: Duration = Duration::from_secs(366 * 24 * 3600);
+
 impl<'de> Deserialize<'de> for Span {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text)
-            .map(Span)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+        let span = humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))?;
+        if span > MAX_SPAN {
+            return Err(serde::de::Error::custom(format!(
+                "duration {text:?} is longer than a year"
+            )));
+        }
+        Ok(Span(span))
     }
 }
 
@@ -483,6 +492,7 @@ mod tests {
     fn bad_values_are_located() {
         for (text, line) in [
             ("[server]\n\nlogin_grace_time = \"soon\"\n", 3),
+            ("[server]\nlogin_grace_time = \"300000000y\"\n", 2),
             ("[server]\nmax_auth_tries = 0\n", 2),
             ("[server]\nlisten = []\n", 2),
             ("[server]\nlisten = [\"nowhere\"]\n", 2),

@@ -110,6 +110,21 @@ pub fn check_command(raw: &[u8]) -> Result<&str, CommandRefusal> {
     Ok(text)
 }
 
+/// `raw` as text safe to put in an environment variable: at most [`MAX_COMMAND_BYTES`],
+/// invalid UTF-8 and control characters other than tab and newline replaced.
+pub fn printable(raw: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&raw[..raw.len().min(MAX_COMMAND_BYTES)]);
+    text.chars()
+        .map(|c| {
+            if c.is_control() && !matches!(c, '\t' | '\n') {
+                '\u{fffd}'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
 /// Whether `command` is what sftp, scp (`scp -O`) or rsync run on the server side.
 pub fn is_file_transfer(command: &str) -> bool {
     let mut words = command
@@ -212,6 +227,15 @@ mod tests {
         assert_eq!(
             check_command(b"for i in 1 2; do\n\techo $i\ndone"),
             Ok("for i in 1 2; do\n\techo $i\ndone")
+        );
+    }
+
+    #[test]
+    fn printable_strips_nul_and_bounds() {
+        assert_eq!(printable(b"a\0b\tc\nd\x1b"), "a\u{fffd}b\tc\nd\u{fffd}");
+        assert_eq!(
+            printable(&vec![b'x'; MAX_COMMAND_BYTES * 2]).len(),
+            MAX_COMMAND_BYTES
         );
     }
 

@@ -111,6 +111,7 @@ async fn krl_revokes_by_serial_key_id_key_fingerprint_and_ca_key() {
         bastion.user_with_cert(name, ca, &args)
     };
     let by_serial = sign("by_serial", "ca", &["-z", "1005"]);
+    let by_range = sign("by_range", "ca", &["-z", "2"]);
     let by_id = sign("by_id", "ca", &["-I", "leaked-laptop"]);
     let by_key = sign("by_key", "ca", &[]);
     let by_ca = sign("by_ca", "ca2", &[]);
@@ -128,7 +129,9 @@ async fn krl_revokes_by_serial_key_id_key_fingerprint_and_ca_key() {
     write_krl(&bastion.path("revoked.krl"), &bastion.path("ca.pub"), &spec);
     bastion.wait_for_bench(bench).await;
     // The file is re-read within a second or so of the change.
-    for key in [&by_serial, &by_id, &by_key, &by_ca, &by_sha1, &by_sha256] {
+    for key in [
+        &by_serial, &by_range, &by_id, &by_key, &by_ca, &by_sha1, &by_sha256,
+    ] {
         bastion.eventually_refused_for(bench, key, "revoked").await;
     }
     for key in [&good, &serial_zero] {

@@ -379,10 +379,12 @@ async fn file_transfer_and_forwarding_are_refused_with_a_message() {
         assert!(run.stderr.contains(message), "{name}: {run:?}");
         assert!(started.elapsed() < Duration::from_secs(20), "{name} hung");
     }
-    assert!(!bench
-        .processes()
-        .iter()
-        .any(|p| p.contains("scp") || p.contains("rsync")));
+    // Nothing was started in the container for any of them.
+    let events = bastion.audit_after_closed(4).await;
+    assert!(
+        !events.iter().any(|e| e["event"] == "session.start"),
+        "{events:#?}"
+    );
 
     let forwarding = [
         (vec!["-W", "127.0.0.1:22"], "administratively prohibited"),
@@ -681,6 +683,53 @@ async fn sessions_per_connection_are_limited() {
         events
             .iter()
             .any(|e| e["event"] == "request.refused" && e["request"] == "session"),
+        "{events:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn finished_sessions_free_their_place_on_the_connection() {
+    let container = Container::start(&[]);
+    let bastion = Bastion::start(|_, config| {
+        config.server.max_sessions_per_connection = std::num::NonZeroU32::new(1).unwrap();
+    })
+    .await;
+    let key = bastion.user_with_cert("user", "ca", &["-n", &container.bench, "-V", VALID]);
+    bastion.wait_for_bench(&container.bench).await;
+    let control = format!("ControlPath={}", bastion.path("control.sock").display());
+    let master = [
+        "-o",
+        "ControlMaster=auto",
+        "-o",
+        control.as_str(),
+        "-o",
+        "ControlPersist=30",
+    ];
+    // One after another over one multiplexed connection, as Ansible does.
+    for round in 0..4 {
+        let run = bastion
+            .exec(
+                &container.bench,
+                &key,
+                &master,
+                &format!("echo round-{round}"),
+                b"",
+            )
+            .await;
+        assert_eq!(run.stdout_text(), format!("round-{round}\n"), "{run:?}");
+        assert!(!run.stderr.contains("refused"), "{run:?}");
+    }
+    let _ = tokio::process::Command::new("ssh")
+        .args(["-o", control.as_str(), "-O", "exit", "x"])
+        .output()
+        .await;
+    let events = bastion.audit();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["event"] == "auth.accepted")
+            .count(),
+        1,
         "{events:#?}"
     );
 }

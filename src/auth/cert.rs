@@ -115,6 +115,10 @@ fn grant(cert: &Certificate, attempt: &Attempt<'_>) -> Grant {
         valid_before: cert.valid_before(),
         force_command: cert.critical_options().get(FORCE_COMMAND).cloned(),
         permit_pty: cert.extensions().contains_key(PERMIT_PTY),
+        via_group: attempt
+            .group
+            .filter(|_| !cert.valid_principals().iter().any(|p| p == attempt.bench))
+            .map(str::to_owned),
         certificate: std::sync::Arc::new(cert.clone()),
     }
 }
@@ -385,7 +389,11 @@ mod tests {
             group,
             ..attempt("shop")
         };
-        assert!(verify(&cert, &with_group(Some("team-a")), &t).is_ok());
+        let grant = verify(&cert, &with_group(Some("team-a")), &t).expect("granted by group");
+        assert_eq!(grant.via_group.as_deref(), Some("team-a"));
+        let direct = cert_with(&keys, &keys.ca, |b| principal(b, "shop"));
+        let grant = verify(&direct, &with_group(Some("team-a")), &t).expect("granted by name");
+        assert_eq!(grant.via_group, None);
         assert_eq!(
             verify(&cert, &with_group(Some("team-ab")), &t),
             Err(Rejection::PrincipalMismatch)

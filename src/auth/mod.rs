@@ -164,6 +164,9 @@ pub struct Grant {
     pub force_command: Option<String>,
     /// Whether the certificate carries the `permit-pty` extension.
     pub permit_pty: bool,
+    /// The group label value that granted access, when no principal names the bench itself:
+    /// sessions check that the bench still carries it.
+    pub via_group: Option<String>,
     /// The certificate itself, to check again when trust or revocations change.
     pub certificate: std::sync::Arc<ssh_key::Certificate>,
 }
@@ -343,9 +346,53 @@ mod tests {
 
     #[test]
     fn labels_cover_every_variant_once() {
-        let mut labels = Rejection::LABELS.to_vec();
+        use Rejection::*;
+        // A new variant fails to compile here until it is listed, and then must be in LABELS.
+        let every = |r: &Rejection| match r {
+            InvalidUser
+            | NotCertificate
+            | UntrustedCa
+            | BadSignature
+            | Sha1Signature
+            | NotUserCertificate
+            | NotYetValid
+            | Expired
+            | OutsideValidity
+            | LifetimeTooLong
+            | NoPrincipals
+            | PrincipalMismatch
+            | UnknownCriticalOption(_)
+            | Revoked
+            | RevocationUnavailable
+            | BadSourceAddress
+            | SourceAddressMismatch => (),
+        };
+        let all = [
+            InvalidUser,
+            NotCertificate,
+            UntrustedCa,
+            BadSignature,
+            Sha1Signature,
+            NotUserCertificate,
+            NotYetValid,
+            Expired,
+            OutsideValidity,
+            LifetimeTooLong,
+            NoPrincipals,
+            PrincipalMismatch,
+            UnknownCriticalOption("x".into()),
+            Revoked,
+            RevocationUnavailable,
+            BadSourceAddress,
+            SourceAddressMismatch,
+        ];
+        all.iter().for_each(every);
+        let mut labels: Vec<&str> = all.iter().map(Rejection::label).collect();
         labels.sort_unstable();
         labels.dedup();
-        assert_eq!(labels.len(), Rejection::LABELS.len());
+        assert_eq!(labels.len(), all.len(), "two variants share a label");
+        let mut listed = Rejection::LABELS.to_vec();
+        listed.sort_unstable();
+        assert_eq!(labels, listed);
     }
 }

@@ -91,11 +91,12 @@ impl Index {
         found.map_or(Lookup::Unknown, |b| Lookup::NotRunning(b.clone()))
     }
 
-    /// The group label value of the bench `name`, if it has one.
+    /// The group label value of the running container of bench `name`, if it has one (a
+    /// stopped container's label grants nothing).
     pub fn group(&self, name: &str) -> Option<String> {
         match self.lookup(name) {
-            Lookup::Running(b) | Lookup::NotRunning(b) => b.group,
-            Lookup::Unknown => None,
+            Lookup::Running(b) => b.group,
+            Lookup::NotRunning(_) | Lookup::Unknown => None,
         }
     }
 
@@ -164,9 +165,18 @@ impl Index {
     async fn follow_once(&self, index: usize) -> Result<(), Error> {
         let endpoint = &self.endpoints[index];
         endpoint.negotiate().await?;
+        // Only lifecycle events change the index; exec_* events (every session makes several)
+        // must not cost a listing each.
+        let lifecycle = [
+            "create", "start", "die", "destroy", "pause", "unpause", "rename", "update",
+        ];
         let filters = HashMap::from([
             ("type".to_owned(), vec!["container".to_owned()]),
             ("label".to_owned(), vec![self.bench_label.clone()]),
+            (
+                "event".to_owned(),
+                lifecycle.iter().map(|e| e.to_string()).collect(),
+            ),
         ]);
         let api = endpoint.api()?;
         let mut events = api.events(Some(EventsOptions {

@@ -19,6 +19,9 @@ use crate::docker::exec::{self, Exec, Spec, MARKER_VAR};
 use crate::docker::{Bench, Lookup};
 use crate::metrics;
 
+/// How often teardown is tried before giving up (each Docker call is bounded).
+const TEARDOWN_ATTEMPTS: u32 = 3;
+
 /// Runs an interactive shell when the config names none: bash if the image has it.
 const DEFAULT_SHELL: &str =
     "if command -v bash >/dev/null 2>&1; then exec bash --login; else exec sh -l; fi";
@@ -102,6 +105,14 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
             return refuse(channel, &message, tty).await;
         }
     };
+    // Access through a group holds only while the bench's container carries that group.
+    if let Some(group) = &request.grant.via_group {
+        if bench.group.as_ref() != Some(group) {
+            let message =
+                format!("benchgate: your certificate no longer grants bench '{bench_name}'");
+            return refuse(channel, &message, tty).await;
+        }
+    }
     let Some(_slot) = shared.bench_slots.claim(&bench_name) else {
         let message = format!("benchgate: too many sessions into bench '{bench_name}'");
         return refuse(channel, &message, tty).await;
@@ -172,6 +183,8 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
                 ChannelMsg::Data { data } => {
                     touched.touch();
                     counted_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    // Backpressure: this waits while the process does not read its stdin (and
+                    // russh, once its channel buffer is full, stops reading the connection).
                     if input.write_all(&data).await.is_err() {
                         break;
                     }
@@ -203,8 +216,13 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
                 break status.to_string();
             }
             _ = &mut pump_in => break "client_closed".to_owned(),
+            // The connection is gone even if the input pump is stuck writing to a process that
+            // does not read its stdin.
+            _ = link.closed() => break "client_closed".to_owned(),
             notice = notices.recv() => match notice {
-                Ok(Notice::Warn(text)) => say(&to_client, &text, tty).await,
+                // Warnings are for people at a terminal; a script's stderr is left alone.
+                Ok(Notice::Warn(text)) if tty => say(&to_client, &text, tty).await,
+                Ok(Notice::Warn(_)) => {}
                 Ok(Notice::End(text)) => {
                     say(&to_client, &text, tty).await;
                     finish(&to_client, 255).await;
@@ -287,10 +305,18 @@ fn teardown(
     marker: String,
 ) {
     shared.tracker.spawn(async move {
-        if let Err(e) = exec::terminate(&endpoint, &container, &user, &marker).await {
-            metrics::docker_error(e.op());
-            tracing::warn!(%container, error = %e, "session teardown failed");
+        // An engine hiccup must not leave the session's processes running: retry, bounded.
+        for attempt in 1..=TEARDOWN_ATTEMPTS {
+            match exec::terminate(&endpoint, &container, &user, &marker).await {
+                Ok(()) => return,
+                Err(e) => {
+                    metrics::docker_error(e.op());
+                    tracing::warn!(%container, attempt, error = %e, "session teardown failed");
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(attempt.into())).await;
         }
+        tracing::error!(%container, "session processes may still be running: teardown gave up");
     });
 }
 

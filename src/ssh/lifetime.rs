@@ -83,6 +83,7 @@ pub struct Link {
     started: Instant,
     last_activity_ms: AtomicU64,
     sessions: AtomicU64,
+    gone: CancellationToken,
 }
 
 impl Default for Link {
@@ -92,6 +93,7 @@ impl Default for Link {
             started: Instant::now(),
             last_activity_ms: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
+            gone: CancellationToken::new(),
         }
     }
 }
@@ -121,6 +123,16 @@ impl Link {
     pub fn touch(&self) {
         let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_activity_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Marks the connection as over: sessions still running stop waiting on the client.
+    pub fn close(&self) {
+        self.gone.cancel();
+    }
+
+    /// Resolves once the connection is over.
+    pub async fn closed(&self) {
+        self.gone.cancelled().await;
     }
 
     /// Counts a session as running until the mark is dropped.

@@ -140,9 +140,16 @@ pub async fn serve(shared: Arc<Shared>, listeners: Vec<TcpListener>, shutdown: C
     while accepts.join_next().await.is_some() {}
     gate.tracker.close();
     gate.tracker.wait().await;
-    // Session teardowns still running (they end the sessions' container processes).
+    // Sessions and teardowns still running (they end the sessions' container processes); each
+    // Docker call is bounded, so this is too, but never wait forever on shutdown.
     gate.shared.tracker.close();
-    gate.shared.tracker.wait().await;
+    let limit = gate.shared.shutdown_grace + Duration::from_secs(30);
+    if tokio::time::timeout(limit, gate.shared.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::error!("session teardown did not finish in time; exiting anyway");
+    }
 }
 
 struct Gate {
@@ -335,6 +342,7 @@ async fn connection(
         }
     }
 
+    link.close();
     ledger.finish(shared, peer, grant.is_some());
     let outcome = match (&grant, end) {
         (Some(_), _) => Outcome::Authenticated,

@@ -8,7 +8,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use russh::keys::ssh_key::{Algorithm, Certificate};
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelOpenFailure};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::channel::{self, Pty, Request};
 use super::lifetime::Link;
@@ -116,12 +116,15 @@ pub struct Connection {
     /// Session channels that have not started a process yet.
     pending: HashMap<ChannelId, Opened>,
     /// Session channels open now, started or not.
-    open_channels: usize,
+    /// One permit per session channel open now, started or not; a started session holds
+    /// its permit until its task ends (russh reports no close for channels the server closed).
+    channel_permits: Arc<Semaphore>,
 }
 
 /// A session channel between its opening and its `shell` or `exec` request.
 struct Opened {
     channel: Channel<Msg>,
+    permit: OwnedSemaphorePermit,
     pty: Option<Pty>,
     env: Vec<(String, String)>,
 }
@@ -137,6 +140,7 @@ impl Connection {
         startup: StartupSlot,
         on_auth: oneshot::Sender<Grant>,
     ) -> Self {
+        let shared_max = shared.max_sessions_per_connection;
         Self {
             shared,
             peer,
@@ -147,7 +151,7 @@ impl Connection {
             on_auth: Some(on_auth),
             grant: None,
             pending: HashMap::new(),
-            open_channels: 0,
+            channel_permits: Arc::new(Semaphore::new(shared_max)),
         }
     }
 
@@ -195,9 +199,11 @@ impl Connection {
             link: self.link.clone(),
         };
         let shared = self.shared.clone();
-        self.shared
-            .tracker
-            .spawn(channel::run(shared, request, pending.channel));
+        let permit = pending.permit;
+        self.shared.tracker.spawn(async move {
+            channel::run(shared, request, pending.channel).await;
+            drop(permit);
+        });
         Ok(())
     }
 
@@ -217,7 +223,11 @@ impl Connection {
         };
         session.channel_success(channel)?;
         let tty = pending.pty.is_some();
-        tokio::spawn(channel::refuse(pending.channel, message, tty));
+        let permit = pending.permit;
+        self.shared.tracker.spawn(async move {
+            channel::refuse(pending.channel, message, tty).await;
+            drop(permit);
+        });
         Ok(())
     }
 
@@ -356,17 +366,17 @@ impl russh::server::Handler for Connection {
         if self.grant.is_none() {
             return Ok(());
         }
-        if self.open_channels >= self.shared.max_sessions_per_connection {
+        let Ok(permit) = self.channel_permits.clone().try_acquire_owned() else {
             self.refuse_channel(Refused::Session, reply, policy::TOO_MANY_SESSIONS)
                 .await;
             return Ok(());
-        }
-        self.open_channels += 1;
+        };
         let id = channel.id();
         self.pending.insert(
             id,
             Opened {
                 channel,
+                permit,
                 pty: None,
                 env: Vec::new(),
             },
@@ -381,7 +391,6 @@ impl russh::server::Handler for Connection {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.pending.remove(&channel);
-        self.open_channels = self.open_channels.saturating_sub(1);
         Ok(())
     }
 
@@ -461,12 +470,9 @@ impl russh::server::Handler for Connection {
             .is_some_and(|g| g.force_command.is_some());
         match policy::check_command(data) {
             Ok(command) => self.start(channel, Some(command.to_owned()), session),
-            // A forced command replaces whatever was asked, so it runs even then.
-            Err(policy::CommandRefusal::FileTransfer) if forced => self.start(
-                channel,
-                Some(String::from_utf8_lossy(data).into_owned()),
-                session,
-            ),
+            // A forced command replaces whatever was asked, so it runs even then; the request
+            // only reaches SSH_ORIGINAL_COMMAND, made printable and bounded.
+            Err(_) if forced => self.start(channel, Some(policy::printable(data)), session),
             Err(policy::CommandRefusal::FileTransfer) => self.refuse_in_channel(
                 channel,
                 Refused::FileTransferExec,
