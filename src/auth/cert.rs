@@ -413,6 +413,41 @@ mod tests {
     }
 
     #[test]
+    fn revoked_and_unreadable_revocation_lists_are_rejected() {
+        use crate::auth::revocation::{Revocation, Revocations};
+        let keys = keys();
+        let cert = cert_with(&keys, &keys.ca, |b| principal(b, "shop"));
+        let list = format!(
+            "{}\n",
+            keys.user.public_key().to_openssh().expect("openssh")
+        );
+        let revoked = Revocation::Loaded {
+            path: "/r".into(),
+            stamp: None,
+            list: std::sync::Arc::new(Revocations::parse(list.as_bytes()).expect("key list")),
+        };
+        let t = trust(&keys).with_revocation(revoked);
+        assert_eq!(verify(&cert, &attempt("shop"), &t), Err(Rejection::Revoked));
+        assert_eq!(still_valid(&cert, &t), Err(Rejection::Revoked));
+        let broken = Revocation::Unavailable {
+            path: "/r".into(),
+            stamp: None,
+            reason: "truncated".into(),
+        };
+        let t = trust(&keys).with_revocation(broken);
+        assert_eq!(
+            verify(&cert, &attempt("shop"), &t),
+            Err(Rejection::RevocationUnavailable)
+        );
+        // Live sessions are not ended by an unreadable list, only new logins refused.
+        assert_eq!(still_valid(&cert, &t), Ok(()));
+        assert_eq!(
+            still_valid(&cert, &Trust::default()),
+            Err(Rejection::UntrustedCa)
+        );
+    }
+
+    #[test]
     fn unknown_critical_options_are_rejected() {
         for option in ["verify-required", "no-such-option"] {
             let result = check(|b| {
