@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use benchgate::config::{Endpoint, NonEmpty, Optional, Span};
-use support::{run, Bastion, Container};
+use support::{bench_and_bastion, run, Bastion, Container};
 
 fn engine_socket() -> String {
     match std::env::var("DOCKER_HOST") {
@@ -174,16 +174,13 @@ fn tls_files(dir: &Path) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_endpoint_does_not_stop_the_others() {
-    let container = Container::start(&[]);
     let proxy = Proxy::tcp().await;
-    let bastion = Bastion::start(|dir, config| {
+    let (bastion, container, key) = bench_and_bastion(&[], &["-V", "-5m:+1h"], |dir, config| {
         let dead = format!("unix://{}", dir.join("no-such-docker.sock").display());
         let tcp = format!("tcp://127.0.0.1:{}", proxy.port);
         config.docker.endpoints = NonEmpty(vec![endpoint(dead), endpoint(tcp)]);
     })
     .await;
-    let key = bastion.user_with_cert("user", "ca", &["-n", &container.bench, "-V", "-5m:+1h"]);
-    bastion.wait_for_bench(&container.bench).await;
     let run = bastion
         .exec(&container.bench, &key, &[], "echo via-tcp", b"")
         .await;
@@ -216,16 +213,13 @@ async fn tls_endpoint_serves_sessions() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_engine_gives_a_clear_error_within_the_request_timeout() {
-    let container = Container::start(&[]);
     let proxy = Proxy::tcp().await;
-    let bastion = Bastion::start(|_, config| {
+    let (bastion, container, key) = bench_and_bastion(&[], &["-V", "-5m:+1h"], |_, config| {
         config.docker.request_timeout = Span(Duration::from_secs(2));
         config.docker.endpoints =
             NonEmpty(vec![endpoint(format!("tcp://127.0.0.1:{}", proxy.port))]);
     })
     .await;
-    let key = bastion.user_with_cert("user", "ca", &["-n", &container.bench, "-V", "-5m:+1h"]);
-    bastion.wait_for_bench(&container.bench).await;
     proxy.signal("-STOP");
     let started = std::time::Instant::now();
     let run = bastion

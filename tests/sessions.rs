@@ -7,20 +7,16 @@ mod support;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use support::{run, Bastion, Container};
+use support::{bench_and_bastion, run, Bastion, Container};
 
 const VALID: &str = "-5m:+6h";
 
 /// A bastion, a running bench container with `labels`, and a key whose certificate names
 /// the bench (plus `sign_args`).
 async fn setup(labels: &[&str], sign_args: &[&str]) -> (Bastion, Container, PathBuf) {
-    let container = Container::start(labels);
-    let bastion = Bastion::start(|_, _| {}).await;
-    let mut args = vec!["-n", container.bench.as_str(), "-V", VALID];
+    let mut args = vec!["-V", VALID];
     args.extend_from_slice(sign_args);
-    let key = bastion.user_with_cert("user", "ca", &args);
-    bastion.wait_for_bench(&container.bench).await;
-    (bastion, container, key)
+    bench_and_bastion(labels, &args, |_, _| {}).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -637,13 +633,10 @@ async fn hold_a_session(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sessions_per_bench_are_limited_with_a_message() {
-    let container = Container::start(&[]);
-    let bastion = Bastion::start(|_, config| {
+    let (bastion, container, key) = bench_and_bastion(&[], &["-V", VALID], |_, config| {
         config.session.max_sessions_per_bench = std::num::NonZeroU32::new(1).unwrap();
     })
     .await;
-    let key = bastion.user_with_cert("user", "ca", &["-n", &container.bench, "-V", VALID]);
-    bastion.wait_for_bench(&container.bench).await;
     let _held = hold_a_session(&bastion, &container, &key, &[]).await;
     let run = bastion
         .exec(&container.bench, &key, &[], "echo second", b"")
@@ -657,13 +650,10 @@ async fn sessions_per_bench_are_limited_with_a_message() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sessions_per_connection_are_limited() {
-    let container = Container::start(&[]);
-    let bastion = Bastion::start(|_, config| {
+    let (bastion, container, key) = bench_and_bastion(&[], &["-V", VALID], |_, config| {
         config.server.max_sessions_per_connection = std::num::NonZeroU32::new(1).unwrap();
     })
     .await;
-    let key = bastion.user_with_cert("user", "ca", &["-n", &container.bench, "-V", VALID]);
-    bastion.wait_for_bench(&container.bench).await;
     let socket = bastion.path("control.sock");
     let control = format!("ControlPath={}", socket.display());
     let master = ["-o", "ControlMaster=yes", "-o", control.as_str()];
@@ -689,13 +679,10 @@ async fn sessions_per_connection_are_limited() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn finished_sessions_free_their_place_on_the_connection() {
-    let container = Container::start(&[]);
-    let bastion = Bastion::start(|_, config| {
+    let (bastion, container, key) = bench_and_bastion(&[], &["-V", VALID], |_, config| {
         config.server.max_sessions_per_connection = std::num::NonZeroU32::new(1).unwrap();
     })
     .await;
-    let key = bastion.user_with_cert("user", "ca", &["-n", &container.bench, "-V", VALID]);
-    bastion.wait_for_bench(&container.bench).await;
     let control = format!("ControlPath={}", bastion.path("control.sock").display());
     let master = [
         "-o",

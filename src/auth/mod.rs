@@ -49,7 +49,7 @@ pub enum Rejection {
     /// `now >= valid_before`.
     Expired,
     /// Rejected by the SSH library before benchgate saw it: outside its validity window.
-    /// The library does not say which edge; `benchgate explain` does.
+    /// The library does not say which edge.
     OutsideValidity,
     /// `valid_before - valid_after` exceeds `auth.max_cert_lifetime`.
     LifetimeTooLong,

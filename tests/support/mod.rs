@@ -511,6 +511,23 @@ pub fn bench_image() -> &'static str {
     })
 }
 
+/// A bench container with `labels`, a bastion with `edit` applied to its config, and a key
+/// "user" whose certificate from "ca" names the bench, with `sign_args` (a validity at least);
+/// returns once the bastion's index shows the bench running.
+pub async fn bench_and_bastion(
+    labels: &[&str],
+    sign_args: &[&str],
+    edit: impl FnOnce(&Path, &mut Config),
+) -> (Bastion, Container, PathBuf) {
+    let container = Container::start(labels);
+    let bastion = Bastion::start(edit).await;
+    let mut args = vec!["-n", container.bench.as_str()];
+    args.extend_from_slice(sign_args);
+    let key = bastion.user_with_cert("user", "ca", &args);
+    bastion.wait_for_bench(&container.bench).await;
+    (bastion, container, key)
+}
+
 /// A bench container for one test, removed when dropped (even on failure).
 pub struct Container {
     pub name: String,
