@@ -2,6 +2,7 @@
 
 pub mod channel;
 pub mod keys;
+pub mod ledger;
 pub mod lifetime;
 pub mod prechecks;
 pub mod server;

@@ -20,9 +20,10 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::channel::BenchSlots;
+use super::ledger::Ledger;
 use super::lifetime::{self, Ended, Link, Notice};
 use super::prechecks::{Sink, Watch};
-use super::session::{Connection, Ledger};
+use super::session::Connection;
 use crate::audit::{Audit, Event, Kind};
 use crate::config::{Config, Net};
 use crate::docker::Index;

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use russh::keys::ssh_key::{Algorithm, Certificate};
@@ -11,97 +11,13 @@ use russh::{Channel, ChannelId, ChannelOpenFailure};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::channel::{self, Pty, Request};
+use super::ledger::{reject, Ledger};
 use super::lifetime::Link;
-use super::prechecks::Sink;
 use super::server::{Shared, StartupSlot};
 use crate::audit::{Event, Kind};
-use crate::auth::{self, cert::ca_fingerprint, is_bench_name, Attempt, Grant, Rejection};
+use crate::auth::{self, Attempt, Grant, Rejection};
 use crate::metrics;
 use crate::policy::{self, Refused};
-
-/// What one connection has been refused so far that is not yet audited.
-#[derive(Debug, Default)]
-pub struct Ledger(Mutex<Pending>);
-
-#[derive(Debug, Default)]
-struct Pending {
-    /// The user name of the latest attempt.
-    user: Option<String>,
-    /// A plain key was proven: reported at the end if no certificate got in.
-    plain_key: bool,
-    /// Rejections russh made itself, reported at the next decision or at the end.
-    library: Vec<Rejection>,
-    /// The invalid user name already reported, so each is reported once.
-    reported_invalid_user: Option<String>,
-}
-
-impl Sink for Ledger {
-    fn library_rejected(&self, reason: Rejection) {
-        self.lock().library.push(reason);
-    }
-}
-
-impl Ledger {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Audits the rejections russh made since the last call.
-    fn flush_library(&self, shared: &Shared, peer: SocketAddr) {
-        let (user, library) = {
-            let mut pending = self.lock();
-            (pending.user.clone(), std::mem::take(&mut pending.library))
-        };
-        for reason in library {
-            reject(shared, peer, user.as_deref(), None, &reason);
-        }
-    }
-
-    /// Audits what is still pending when the connection ends. A proven plain key is reported
-    /// only when no certificate got in: OpenSSH clients offer it before the certificate.
-    pub fn finish(&self, shared: &Shared, peer: SocketAddr, authenticated: bool) {
-        self.flush_library(shared, peer);
-        let pending = self.lock();
-        if pending.plain_key && !authenticated {
-            let user = pending.user.clone();
-            drop(pending);
-            reject(
-                shared,
-                peer,
-                user.as_deref(),
-                None,
-                &Rejection::NotCertificate,
-            );
-        }
-    }
-}
-
-/// Logs, counts and audits one refused login attempt.
-fn reject(
-    shared: &Shared,
-    peer: SocketAddr,
-    user: Option<&str>,
-    cert: Option<&Certificate>,
-    reason: &Rejection,
-) {
-    metrics::auth_rejected(reason);
-    let mut event = Event::new(Kind::AuthRejected, peer).reason(reason.label());
-    if let Some(user) = user {
-        event = event.bench(user);
-    }
-    if let Some(cert) = cert {
-        event = event.certificate(cert.key_id(), cert.serial(), ca_fingerprint(cert));
-        tracing::warn!(
-            %peer, bench = ?user.map(auth::bounded), key_id = %auth::bounded(cert.key_id()),
-            serial = cert.serial(), reason = reason.label(), "auth rejected: {reason}"
-        );
-    } else {
-        tracing::warn!(%peer, bench = ?user.map(auth::bounded), reason = reason.label(), "auth rejected: {reason}");
-    }
-    shared.audit.record(&event);
-}
 
 /// The russh handler of one connection.
 pub struct Connection {
@@ -158,23 +74,7 @@ impl Connection {
     /// Notes `user` for later reports; refuses (and reports once) a name that is no bench name.
     fn admit_user(&mut self, user: &str) -> bool {
         self.ledger.flush_library(&self.shared, self.peer);
-        let mut pending = self.ledger.lock();
-        pending.user = Some(user.to_owned());
-        if is_bench_name(user) {
-            return true;
-        }
-        if pending.reported_invalid_user.as_deref() != Some(user) {
-            pending.reported_invalid_user = Some(user.to_owned());
-            drop(pending);
-            reject(
-                &self.shared,
-                self.peer,
-                Some(user),
-                None,
-                &Rejection::InvalidUser,
-            );
-        }
-        false
+        self.ledger.admit_user(&self.shared, self.peer, user)
     }
 
     /// Replies success to `shell`/`exec` on `channel` and starts its process.
@@ -305,9 +205,9 @@ impl russh::server::Handler for Connection {
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
         // The OpenSSH client offers the bare key before its certificate, so this is reported
-        // only if no certificate gets in (see Ledger::flush).
+        // only if no certificate gets in (see Ledger::finish).
         tracing::debug!(peer = %self.peer, bench = %auth::bounded(user), algorithm = %key.algorithm, "plain key refused");
-        self.ledger.lock().plain_key = true;
+        self.ledger.note_plain_key();
         Ok(Auth::reject())
     }
 
