@@ -86,6 +86,13 @@ async fn finish(to_client: &ChannelWriteHalf<Msg>, status: u32) {
     let _ = to_client.close().await;
 }
 
+/// Refuses a session that cannot start: logged, counted, and `message` told to the person.
+async fn unavailable(request: &Request, channel: Channel<Msg>, message: &str) {
+    tracing::info!(peer = %request.peer, bench = %request.grant.bench, reason = message, "session not started");
+    metrics::session_ended(request.kind(), "error", std::time::Duration::ZERO, 0, 0);
+    refuse(channel, message, request.pty.is_some()).await;
+}
+
 /// Runs `request` on `channel` until the process ends or the client goes away.
 pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
     let tty = request.pty.is_some();
@@ -97,12 +104,12 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
                 "benchgate: bench '{bench_name}' is not running (status: {})",
                 bench.state
             );
-            return refuse(channel, &message, tty).await;
+            return unavailable(&request, channel, &message).await;
         }
         Lookup::Unknown => {
             let message =
                 format!("benchgate: bench '{bench_name}' is not running (status: no such bench)");
-            return refuse(channel, &message, tty).await;
+            return unavailable(&request, channel, &message).await;
         }
     };
     // Access through a group holds only while the bench's container carries that group.
@@ -110,15 +117,20 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
         if bench.group.as_ref() != Some(group) {
             let message =
                 format!("benchgate: your certificate no longer grants bench '{bench_name}'");
-            return refuse(channel, &message, tty).await;
+            return unavailable(&request, channel, &message).await;
         }
     }
     let Some(_slot) = shared.bench_slots.claim(&bench_name) else {
         let message = format!("benchgate: too many sessions into bench '{bench_name}'");
-        return refuse(channel, &message, tty).await;
+        return unavailable(&request, channel, &message).await;
     };
     let Some(endpoint) = shared.benches.endpoint(bench.endpoint).cloned() else {
-        return refuse(channel, "benchgate: internal error: unknown endpoint", tty).await;
+        return unavailable(
+            &request,
+            channel,
+            "benchgate: internal error: unknown endpoint",
+        )
+        .await;
     };
     let marker = session_marker();
     let spec = spec(&shared, &request, &bench, &marker);
@@ -129,7 +141,7 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
             metrics::docker_error(e.op());
             tracing::warn!(bench = %bench_name, container = %bench.container, error = %e, "cannot start session");
             let message = format!("benchgate: bench '{bench_name}' is unavailable: its Docker engine did not start the session");
-            refuse(channel, &message, tty).await;
+            unavailable(&request, channel, &message).await;
             // The process may have started before the failure was seen.
             teardown(
                 &shared,
