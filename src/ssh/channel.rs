@@ -277,26 +277,26 @@ async fn exit_status(
     tty: bool,
 ) -> u32 {
     let code = exec::exit_code(endpoint, exec_id).await.ok().flatten();
-    let mut state = exec::container_state(endpoint, &bench.container)
-        .await
-        .unwrap_or_default();
-    // A process killed by a signal may be the container going down: Docker reports the
-    // container's new state a moment after the exec's.
+    // A normal exit needs no more Docker calls; a kill may be the container going down, which
+    // Docker reports a moment after the exec's end.
+    if let Some(code) = code.filter(|c| (0..128).contains(c)) {
+        return code as u32;
+    }
+    let mut state = String::new();
     for _ in 0..10 {
-        if state != "running" || code.is_some_and(|c| c < 128) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         state = exec::container_state(endpoint, &bench.container)
             .await
             .unwrap_or_default();
+        if state != "running" {
+            let message = format!(
+                "benchgate: the bench container stopped during the session (status: {state})"
+            );
+            say(to_client, &message, tty).await;
+            return code.filter(|c| *c != 0).map_or(255, |c| c as u32);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    if state != "running" {
-        let message =
-            format!("benchgate: the bench container stopped during the session (status: {state})");
-        say(to_client, &message, tty).await;
-        return code.filter(|c| *c != 0).map_or(255, |c| c as u32);
-    }
+    tracing::debug!(%state, "killed process in a running container");
     code.map_or(255, |c| (c & 0xff) as u32)
 }
 

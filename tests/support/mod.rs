@@ -289,10 +289,12 @@ impl Bastion {
         panic!("bench {bench} never showed up running in the index");
     }
 
-    /// Audit events so far, parsed.
+    /// Audit events so far, parsed (a line still being written is left for the next look).
     pub fn audit(&self) -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(self.path("audit.log")).unwrap_or_default();
-        text.lines()
+        let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+        complete
+            .lines()
             .map(|l| {
                 serde_json::from_str(l)
                     .unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}"))
