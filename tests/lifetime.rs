@@ -64,6 +64,12 @@ async fn expiring_certificate_is_warned_then_disconnected() {
     assert_eq!(closed["reason"], "expired");
 }
 
+/// Config edit: an empty revocation list at `revoked.krl` in the test's directory.
+fn empty_revocation_list(dir: &Path, config: &mut benchgate::config::Config) {
+    std::fs::write(dir.join("revoked.krl"), "").unwrap();
+    config.auth.revoked_keys = Optional(Some(dir.join("revoked.krl")));
+}
+
 /// A KRL at `path` built with `ssh-keygen -k` from `spec` lines, scoped to `ca_pub`.
 fn write_krl(path: &Path, ca_pub: &Path, spec: &str) {
     let spec_file = path.with_extension("spec");
@@ -99,8 +105,7 @@ async fn krl_revokes_by_serial_key_id_key_fingerprint_and_ca_key() {
     let bastion = Bastion::start(|dir, config| {
         keygen(dir, "ca2", "ed25519");
         config.auth.trusted_user_ca_keys.0.push(dir.join("ca2.pub"));
-        std::fs::write(dir.join("revoked.krl"), "").unwrap();
-        config.auth.revoked_keys = Optional(Some(dir.join("revoked.krl")));
+        empty_revocation_list(dir, config);
     })
     .await;
     let bench = container.bench.as_str();
@@ -143,11 +148,7 @@ async fn krl_revokes_by_serial_key_id_key_fingerprint_and_ca_key() {
 #[tokio::test(flavor = "multi_thread")]
 async fn revoking_a_live_session_ends_it_and_others_keep_working() {
     let container = Container::start(&[]);
-    let bastion = Bastion::start(|dir, config| {
-        std::fs::write(dir.join("revoked.krl"), "").unwrap();
-        config.auth.revoked_keys = Optional(Some(dir.join("revoked.krl")));
-    })
-    .await;
+    let bastion = Bastion::start(empty_revocation_list).await;
     let bench = container.bench.as_str();
     let doomed =
         bastion.user_with_cert("doomed", "ca", &["-n", bench, "-V", "-5m:+1h", "-z", "42"]);
@@ -182,11 +183,7 @@ async fn revoking_a_live_session_ends_it_and_others_keep_working() {
 #[tokio::test(flavor = "multi_thread")]
 async fn corrupt_revocation_list_refuses_every_login_until_fixed() {
     let container = Container::start(&[]);
-    let bastion = Bastion::start(|dir, config| {
-        std::fs::write(dir.join("revoked.krl"), "").unwrap();
-        config.auth.revoked_keys = Optional(Some(dir.join("revoked.krl")));
-    })
-    .await;
+    let bastion = Bastion::start(empty_revocation_list).await;
     let bench = container.bench.as_str();
     let key = bastion.user_with_cert("user", "ca", &["-n", bench, "-V", "-5m:+1h", "-z", "7"]);
     bastion.wait_for_bench(bench).await;
