@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod commands;
 pub mod config;
 pub mod docker;
 pub mod logging;

@@ -30,6 +30,47 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Sign a user certificate as the platform's dashboard does (only permit-pty), write
+    /// <key>-cert.pub next to PUBKEY and print the commands a user pastes.
+    Issue {
+        /// The CA private key.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The bench (or group) the certificate is for.
+        #[arg(long)]
+        principal: String,
+        /// How long it is valid, like "6h" or "30m".
+        #[arg(long, default_value = "6h", value_parser = humantime::parse_duration)]
+        validity: std::time::Duration,
+        /// Key ID recorded in logs and audit [default: <principal>-<unix time>]
+        #[arg(long)]
+        identity: Option<String>,
+        /// Serial number, what revocation lists revoke by [default: random]
+        #[arg(long)]
+        serial: Option<u64>,
+        /// Bastion host name for the printed ssh command.
+        #[arg(long, default_value = "bastion.example.com")]
+        host: String,
+        /// Bastion port for the printed ssh command.
+        #[arg(long, default_value_t = 2222)]
+        port: u16,
+        /// The user's public key (.pub).
+        pubkey: PathBuf,
+    },
+    /// Say whether CERT would be accepted for bench NAME right now, and every reason why not.
+    Explain {
+        /// Config file [default: /etc/benchgate/benchgate.toml if present, else built-in defaults]
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The bench (SSH user name).
+        #[arg(long)]
+        bench: String,
+        /// The client address, to check a source-address option.
+        #[arg(long)]
+        from: Option<std::net::IpAddr>,
+        /// The certificate (-cert.pub).
+        cert: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -37,6 +78,38 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config } => serve(config.as_deref()),
         Command::CheckConfig { config } => check_config(config.as_deref()),
+        Command::Issue {
+            ca,
+            principal,
+            validity,
+            identity,
+            serial,
+            host,
+            port,
+            pubkey,
+        } => {
+            let args = benchgate::commands::IssueArgs {
+                ca,
+                principal,
+                validity,
+                identity,
+                serial,
+                public_key: pubkey,
+                host,
+                port,
+            };
+            benchgate::commands::issue(&args).and_then(|text| print_all(&text))
+        }
+        Command::Explain {
+            config,
+            bench,
+            from,
+            cert,
+        } => match explain(config.as_deref(), &bench, &cert, from) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -55,6 +128,21 @@ fn load_config(path: Option<&Path>) -> Result<(Config, String), config::Error> {
         None if default.exists() => Ok((Config::load(default)?, default.display().to_string())),
         None => Ok((Config::default(), "built-in defaults".to_owned())),
     }
+}
+
+/// Prints the verdict; `Ok(false)` when the certificate would be refused.
+fn explain(
+    path: Option<&Path>,
+    bench: &str,
+    cert: &Path,
+    from: Option<std::net::IpAddr>,
+) -> anyhow::Result<bool> {
+    let (config, _) = load_config(path)?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let (report, accepted) =
+        runtime.block_on(benchgate::commands::explain(&config, bench, cert, from))?;
+    print_all(&report)?;
+    Ok(accepted)
 }
 
 fn check_config(path: Option<&Path>) -> anyhow::Result<()> {

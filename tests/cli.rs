@@ -146,3 +146,125 @@ fn version_and_help() {
         "{help}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn issued_certificate_authenticates_and_prints_paste_commands() {
+    let bastion = support::Bastion::start(|_, _| {}).await;
+    let key = keygen(bastion.dir.path(), "alice", "ed25519");
+    let ca = bastion.path("ca");
+    let public = format!("{}.pub", key.display());
+    let out = benchgate(&[
+        "issue",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--principal",
+        support::BENCH,
+        "--identity",
+        "alice@example",
+        "--serial",
+        "4242",
+        &public,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        printed.contains("cat > ~/.ssh/alice-cert.pub <<'EOF'"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("[System.IO.File]::WriteAllText("),
+        "{printed}"
+    );
+    assert!(!printed.contains('\u{feff}'), "no BOM");
+    let listed = support::run(
+        "ssh-keygen",
+        &["-L", "-f", bastion.path("alice-cert.pub").to_str().unwrap()],
+    );
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    assert!(
+        listed.contains("Serial: 4242")
+            && listed.contains("permit-pty")
+            && !listed.contains("permit-port-forwarding"),
+        "{listed}"
+    );
+    bastion
+        .ssh(support::BENCH, &key, &[])
+        .await
+        .assert_authenticated();
+    let events = bastion.audit_after_closed(1).await;
+    let accepted = events
+        .iter()
+        .find(|e| e["event"] == "auth.accepted")
+        .unwrap();
+    assert_eq!(
+        (accepted["key_id"].as_str(), accepted["serial"].as_u64()),
+        (Some("alice@example"), Some(4242))
+    );
+}
+
+#[test]
+fn explain_names_every_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    keygen(dir.path(), "ca", "ed25519");
+    keygen(dir.path(), "other_ca", "ed25519");
+    let config = dir.path().join("benchgate.toml");
+    let text = format!(
+        "[auth]\ntrusted_user_ca_keys = [\"{}\"]\n",
+        dir.path().join("ca.pub").display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let cert = |name: &str, ca: &str, args: &[&str]| {
+        let key = keygen(dir.path(), name, "ed25519");
+        let (ca, public) = (dir.path().join(ca), format!("{}.pub", key.display()));
+        let mut all = vec!["-q", "-s", ca.to_str().unwrap(), "-I", name];
+        all.extend_from_slice(args);
+        all.push(&public);
+        support::run("ssh-keygen", &all);
+        dir.path()
+            .join(format!("{name}-cert.pub"))
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    let explain = |bench: &str, cert: &str| {
+        let out = benchgate(&[
+            "explain",
+            "--config",
+            config.to_str().unwrap(),
+            "--bench",
+            bench,
+            cert,
+        ]);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let good = cert("good", "ca", &["-n", "shop", "-V", "-5m:+1h"]);
+    let (code, said) = explain("shop", &good);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("ACCEPTED"), "{said}");
+    let (code, said) = explain("other", &good);
+    assert_eq!(code, Some(1));
+    assert!(
+        said.contains("no principal of the certificate names the bench"),
+        "{said}"
+    );
+    let expired = cert(
+        "expired",
+        "other_ca",
+        &["-n", "elsewhere", "-V", "20200101:20200102"],
+    );
+    let (code, said) = explain("shop", &expired);
+    assert_eq!(code, Some(1));
+    for reason in [
+        "the certificate has expired",
+        "not signed by a trusted CA",
+        "no principal",
+    ] {
+        assert!(said.contains(reason), "{reason}: {said}");
+    }
+    let future = cert("future", "ca", &["-n", "shop", "-V", "+1h:+2h"]);
+    let (_, said) = explain("shop", &future);
+    assert!(said.contains("the certificate is not valid yet"), "{said}");
+}

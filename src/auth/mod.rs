@@ -1,6 +1,7 @@
 //! Who gets in: trusted CAs, the verdict on a certificate, and the reasons for a refusal.
 
 pub mod cert;
+pub mod issue;
 pub mod revocation;
 
 use std::fmt;

@@ -1,0 +1,244 @@
+//! The one-shot operator commands: `issue` signs a certificate as the dashboard does, `explain`
+//! says whether a certificate would get into a bench now, and every reason why not.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use ssh_key::{Certificate, PrivateKey, PublicKey};
+
+use crate::auth::{self, cert, issue, Attempt};
+use crate::config::Config;
+use crate::docker;
+use crate::settings::Settings;
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// Where `ssh` looks for the certificate of the key whose public half is `public`:
+/// `id_ed25519.pub` -> `id_ed25519-cert.pub`.
+pub fn cert_path(public: &Path) -> PathBuf {
+    let name = public
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = name.strip_suffix(".pub").unwrap_or(&name);
+    public.with_file_name(format!("{stem}-cert.pub"))
+}
+
+/// What `issue` needs.
+#[derive(Debug, Clone)]
+pub struct IssueArgs {
+    /// The CA private key file.
+    pub ca: PathBuf,
+    /// The principal (bench or group).
+    pub principal: String,
+    /// Validity from now.
+    pub validity: Duration,
+    /// Key ID; default `<principal>-<unix time>`.
+    pub identity: Option<String>,
+    /// Serial; default random.
+    pub serial: Option<u64>,
+    /// The user's public key file.
+    pub public_key: PathBuf,
+    /// The bastion's host name for the printed `ssh` command.
+    pub host: String,
+    /// The bastion's port.
+    pub port: u16,
+}
+
+/// Signs, writes `<key>-cert.pub`, and returns what to tell the user.
+pub fn issue(args: &IssueArgs) -> anyhow::Result<String> {
+    let ca = PrivateKey::read_openssh_file(&args.ca)
+        .with_context(|| format!("CA key {}", args.ca.display()))?;
+    let subject = PublicKey::read_openssh_file(&args.public_key)
+        .with_context(|| format!("public key {}", args.public_key.display()))?;
+    let now = unix_now();
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("{}-{now}", args.principal));
+    let request = issue::Request {
+        principal: &args.principal,
+        validity: args.validity,
+        identity: &identity,
+        serial: args.serial.unwrap_or_else(rand::random),
+        now,
+    };
+    let certificate = issue::sign(&ca, &subject, &request)?;
+    let text = certificate
+        .to_openssh()
+        .context("cannot encode the certificate")?;
+    let path = cert_path(&args.public_key);
+    std::fs::write(&path, format!("{text}\n"))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(instructions(&certificate, &text, &path, args))
+}
+
+/// The paste-ready commands for Linux/macOS and Windows PowerShell.
+fn instructions(certificate: &Certificate, text: &str, path: &Path, args: &IssueArgs) -> String {
+    let file = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let key = file.strip_suffix("-cert.pub").unwrap_or(&file).to_owned();
+    let hours = args.validity.as_secs_f64() / 3600.0;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Wrote {} (key ID {:?}, serial {}, valid {hours:.1} h, principal {:?}, permit-pty only).",
+        path.display(),
+        certificate.key_id(),
+        certificate.serial(),
+        args.principal
+    );
+    let _ = writeln!(
+        out,
+        "\n# Linux / macOS (bash, zsh): save the certificate next to the key, then connect"
+    );
+    let _ = writeln!(out, "cat > ~/.ssh/{file} <<'EOF'\n{text}\nEOF");
+    let _ = writeln!(
+        out,
+        "ssh -i ~/.ssh/{key} -p {} {}@{}",
+        args.port, args.principal, args.host
+    );
+    let _ = writeln!(out, "\n# Windows PowerShell (writes UTF-8 without a BOM)");
+    let _ = writeln!(
+        out,
+        "[System.IO.File]::WriteAllText(\"$env:USERPROFILE\\.ssh\\{file}\", \"{text}`n\")"
+    );
+    let _ = writeln!(
+        out,
+        "ssh -i \"$env:USERPROFILE\\.ssh\\{key}\" -p {} {}@{}",
+        args.port, args.principal, args.host
+    );
+    out
+}
+
+/// The verdict of `explain`: the report, and whether the certificate would be accepted.
+pub async fn explain(
+    config: &Config,
+    bench: &str,
+    certificate: &Path,
+    from: Option<IpAddr>,
+) -> anyhow::Result<(String, bool)> {
+    let text = std::fs::read_to_string(certificate)
+        .with_context(|| format!("certificate {}", certificate.display()))?;
+    let cert = Certificate::from_openssh(text.trim())
+        .with_context(|| format!("{} is not an OpenSSH certificate", certificate.display()))?;
+    let settings = Settings::load(config)?;
+    let group = bench_group(config, bench).await;
+    let now = unix_now();
+    let peer = from.unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let attempt = Attempt {
+        bench,
+        group: group.as_ref().ok().and_then(|g| g.as_deref()),
+        peer,
+        now,
+    };
+    let mut reasons = cert::rejections(&cert, &attempt, &settings.trust);
+    // Without --from, the client address is unknown: say what source-address requires instead.
+    let source = cert.critical_options().get(cert::SOURCE_ADDRESS).cloned();
+    if from.is_none() {
+        reasons.retain(|r| *r != auth::Rejection::SourceAddressMismatch);
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "certificate: key ID {:?}, serial {}, CA {}",
+        cert.key_id(),
+        cert.serial(),
+        cert::ca_fingerprint(&cert)
+    );
+    let _ = writeln!(out, "principals: {:?}", cert.valid_principals());
+    let time = |unix: u64| match UNIX_EPOCH.checked_add(Duration::from_secs(unix)) {
+        Some(t) if unix < u64::MAX => humantime::format_rfc3339_seconds(t).to_string(),
+        _ => "forever".to_owned(),
+    };
+    let _ = writeln!(
+        out,
+        "valid: {} to {} (now {})",
+        time(cert.valid_after()),
+        time(cert.valid_before()),
+        time(now)
+    );
+    match &group {
+        Ok(Some(g)) => {
+            let _ = writeln!(out, "bench {bench:?}: running, group {g:?}");
+        }
+        Ok(None) => {
+            let _ = writeln!(out, "bench {bench:?}: no group label (or not running)");
+        }
+        Err(e) => {
+            let _ = writeln!(
+                out,
+                "bench {bench:?}: group unknown ({e}); only the bench name was considered"
+            );
+        }
+    }
+    if let (Some(list), None) = (&source, from) {
+        let _ = writeln!(out, "note: source-address {list:?}: the client must connect from there (use --from IP to check)");
+    }
+    let accepted = reasons.is_empty();
+    if accepted {
+        let grant = cert::verify(&cert, &attempt, &settings.trust);
+        let pty = grant.as_ref().map(|g| g.permit_pty).unwrap_or(false);
+        let _ = writeln!(
+            out,
+            "ACCEPTED for bench {bench:?} (terminal: {})",
+            if pty { "yes" } else { "no, commands only" }
+        );
+        if let Some(forced) = cert.critical_options().get(cert::FORCE_COMMAND) {
+            let _ = writeln!(out, "only this command runs: {forced:?}");
+        }
+    } else {
+        let _ = writeln!(out, "REFUSED for bench {bench:?}:");
+        for reason in &reasons {
+            let _ = writeln!(out, "  - {reason} [{}]", reason.label());
+        }
+    }
+    Ok((out, accepted))
+}
+
+/// The group label of `bench`'s running container, asking the configured engines (bounded).
+async fn bench_group(config: &Config, bench: &str) -> anyhow::Result<Option<String>> {
+    let timeout = config.docker.request_timeout.0;
+    let endpoints = config
+        .docker
+        .endpoints
+        .0
+        .iter()
+        .map(|e| docker::Endpoint::new(e, timeout).map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()?;
+    let index = docker::Index::new(
+        endpoints,
+        config.docker.bench_label.clone(),
+        config.docker.group_label.clone(),
+    );
+    let errors = index.sync_all().await;
+    if let (Some(first), docker::Lookup::Unknown) = (errors.first(), index.lookup(bench)) {
+        anyhow::bail!("{first}");
+    }
+    Ok(index.group(bench))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_lands_next_to_its_key() {
+        assert_eq!(
+            cert_path(Path::new("/h/.ssh/id_ed25519.pub")),
+            PathBuf::from("/h/.ssh/id_ed25519-cert.pub")
+        );
+        assert_eq!(cert_path(Path::new("key")), PathBuf::from("key-cert.pub"));
+    }
+}
