@@ -193,6 +193,15 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         benchgate::logging::init(config.log.format);
+        // The recorder first, so start-up (the first bench listing) is counted too.
+        if let Some(addr) = config.metrics.listen.0 {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics.listen: cannot bind {addr}"))?;
+            let handle =
+                benchgate::metrics::install().context("cannot install the metrics recorder")?;
+            tokio::spawn(benchgate::metrics::serve(listener, handle));
+        }
         let shutdown = CancellationToken::new();
         let shared = benchgate::start(&config, shutdown.clone()).await?;
         let mut listeners = Vec::new();
@@ -201,10 +210,6 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("server.listen: cannot bind {addr}"))?;
             listeners.push(listener);
-        }
-        if let Some(addr) = config.metrics.listen.0 {
-            benchgate::metrics::install(addr)
-                .with_context(|| format!("metrics.listen: cannot serve on {addr}"))?;
         }
         let config_path = (source != "built-in defaults").then(|| PathBuf::from(&source));
         tokio::spawn(signals(

@@ -1,10 +1,11 @@
 //! Metric names, help texts and the typed helpers that record them.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::auth::Rejection;
 use crate::policy::Refused;
@@ -109,19 +110,71 @@ impl Outcome {
     }
 }
 
-/// Installs the Prometheus recorder, serving `/metrics` on `listen`, and describes every
-/// metric with its label values at zero.
-pub fn install(listen: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
-    PrometheusBuilder::new()
+/// Installs the Prometheus recorder (process-wide, once) and describes every metric with its
+/// label values at zero. Serve what it records with [`serve`].
+pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    let handle = PrometheusBuilder::new()
         .set_buckets(SECONDS_BUCKETS)?
         .set_buckets_for_metric(
             Matcher::Full(CERT_REMAINING_SECONDS.into()),
             REMAINING_BUCKETS,
         )?
-        .with_http_listener(listen)
-        .install()?;
+        .install_recorder()?;
     describe();
-    Ok(())
+    Ok(handle)
+}
+
+/// Longest HTTP request head read on the metrics endpoint.
+const MAX_REQUEST_BYTES: usize = 8 * 1024;
+
+/// Serves `GET /metrics` (Prometheus text) and `GET /health` on `listener` until the process
+/// ends; anything else gets 404.
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &handle)).await;
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, handle: &PrometheusHandle) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST_BYTES {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let (status, kind, body) = match line {
+        b"GET /metrics HTTP/1.1" | b"GET /metrics HTTP/1.0" => {
+            ("200 OK", "text/plain; version=0.0.4", handle.render())
+        }
+        b"GET /health HTTP/1.1" | b"GET /health HTTP/1.0" => {
+            ("200 OK", "text/plain", "ok\n".to_owned())
+        }
+        _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
 }
 
 fn describe() {
