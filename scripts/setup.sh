@@ -15,6 +15,7 @@ need rsync rsync
 need socat socat
 need stunnel stunnel4
 need openssl openssl
+need systemd-analyze systemd
 need sftp openssh-client
 [ -x /bin/busybox ] || need_apt+=(busybox-static)
 docker_ok() { docker info >/dev/null 2>&1; }
@@ -34,7 +35,7 @@ if ! docker_ok; then
   for _ in $(seq 1 60); do docker_ok && break; sleep 1; done
 fi
 
-for tool in cargo ssh ssh-keygen sftp scp rsync tmux socat stunnel openssl cc docker; do
+for tool in cargo ssh ssh-keygen sftp scp rsync tmux socat stunnel openssl systemd-analyze cc docker; do
   command -v "$tool" >/dev/null 2>&1 || { echo "setup: $tool is required but missing" >&2; exit 1; }
 done
 [ -x /bin/busybox ] || { echo "setup: /bin/busybox (busybox-static) is required but missing" >&2; exit 1; }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod docker;
 pub mod logging;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod proxy_protocol;
 pub mod settings;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use benchgate::config::{self, Config};
+use benchgate::notify::{notify, State};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -218,10 +219,37 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
             shared.settings.clone(),
         ));
         tracing::info!(config = %source, listen = ?config.server.listen.0, "benchgate ready");
+        notify(State::Ready);
         benchgate::ssh::server::serve(shared, listeners, shutdown).await;
         tracing::info!("benchgate stopped");
         Ok(())
     })
+}
+
+/// SIGHUP: replaces the settings from the file at `path`, telling systemd and the metrics.
+fn reload(
+    path: Option<&Path>,
+    settings: &tokio::sync::watch::Sender<std::sync::Arc<benchgate::settings::Settings>>,
+) {
+    let Some(path) = path else {
+        tracing::warn!("SIGHUP: running on built-in defaults, nothing to reload");
+        return;
+    };
+    notify(State::Reloading);
+    let result = benchgate::settings::reload(path, settings);
+    notify(State::Ready);
+    benchgate::metrics::config_reload(result.is_ok());
+    match result {
+        Ok(()) => tracing::info!(
+            config = %path.display(),
+            "reloaded: trust, revocations, session and lifetime settings \
+             (listeners, host keys, limits and Docker endpoints need a restart)"
+        ),
+        Err(e) => tracing::error!(
+            config = %path.display(), error = %format!("{e:#}"),
+            "reload failed; the previous settings stay in force"
+        ),
+    }
 }
 
 /// SIGTERM and SIGINT start an orderly shutdown. SIGHUP reloads the settings from `path`
@@ -245,25 +273,10 @@ async fn signals(
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => match &path {
-                None => tracing::warn!("SIGHUP: running on built-in defaults, nothing to reload"),
-                Some(path) => match benchgate::settings::reload(path, &settings) {
-                    Ok(()) => {
-                        benchgate::metrics::config_reload(true);
-                        tracing::info!(
-                            config = %path.display(),
-                            "reloaded: trust, revocations, session and lifetime settings \
-                             (listeners, host keys, limits and Docker endpoints need a restart)"
-                        );
-                    }
-                    Err(e) => {
-                        benchgate::metrics::config_reload(false);
-                        tracing::error!(config = %path.display(), error = %format!("{e:#}"), "reload failed; the previous settings stay in force");
-                    }
-                },
-            },
+            _ = hup.recv() => reload(path.as_deref(), &settings),
         }
     }
     tracing::info!("shutting down");
+    notify(State::Stopping);
     shutdown.cancel();
 }

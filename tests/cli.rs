@@ -268,3 +268,42 @@ fn explain_names_every_reason() {
     let (_, said) = explain("shop", &future);
     assert!(said.contains("the certificate is not valid yet"), "{said}");
 }
+
+#[test]
+fn systemd_unit_verifies_and_is_well_sandboxed() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/benchgate.service"
+    ))
+    .unwrap();
+    // verify wants the binaries to exist: point it at the one just built.
+    let unit = unit.replace("/usr/local/bin/benchgate", env!("CARGO_BIN_EXE_benchgate"));
+    let path = dir.path().join("benchgate.service");
+    std::fs::write(&path, unit).unwrap();
+    let verify = Command::new("systemd-analyze")
+        .args(["verify", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{}", stderr(&verify));
+    let security = Command::new("systemd-analyze")
+        .args([
+            "security",
+            "--offline=yes",
+            "--no-pager",
+            path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&security.stdout);
+    let exposure: f64 = report
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for benchgate.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure figure in: {report}"));
+    assert!(exposure <= 2.0, "exposure {exposure}: {report}");
+}
