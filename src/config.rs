@@ -393,14 +393,6 @@ impl Config {
                 "server.proxy_protocol: list the load balancers' addresses in server.trusted_proxies",
             ));
         }
-        if config.session.record_dir.0.is_some() {
-            return Err(Error::at(
-                path,
-                text,
-                "record_dir",
-                "session.record_dir: session recording is not supported by this version; set it to \"\"",
-            ));
-        }
         for endpoint in &config.docker.endpoints.0 {
             let tls = [&endpoint.tls_ca, &endpoint.tls_cert, &endpoint.tls_key];
             let set = tls.iter().filter(|t| t.0.is_some()).count();

@@ -34,6 +34,8 @@ pub const EXEC_START_SECONDS: &str = "benchgate_exec_start_seconds";
 pub const SESSION_DURATION_SECONDS: &str = "benchgate_session_duration_seconds";
 /// Bytes through sessions.
 pub const BYTES_TOTAL: &str = "benchgate_bytes_total";
+/// Session recordings that failed (the session went on without one).
+pub const RECORDING_FAILURES_TOTAL: &str = "benchgate_recording_failures_total";
 /// Configuration reloads by result.
 pub const CONFIG_RELOADS_TOTAL: &str = "benchgate_config_reloads_total";
 /// Time from accept to successful authentication.
@@ -201,6 +203,11 @@ fn describe() {
     );
     describe_histogram!(SESSION_DURATION_SECONDS, "Session lengths in seconds");
     describe_counter!(BYTES_TOTAL, "Bytes through sessions, by direction");
+    describe_counter!(
+        RECORDING_FAILURES_TOTAL,
+        "Session recordings that failed; the session went on"
+    );
+    counter!(RECORDING_FAILURES_TOTAL).absolute(0);
     for outcome in Outcome::ALL {
         counter!(CONNECTIONS_TOTAL, "outcome" => outcome.label()).absolute(0);
     }
@@ -339,4 +346,9 @@ pub fn session_ended(
 /// A SIGHUP reload succeeded or failed.
 pub fn config_reload(ok: bool) {
     counter!(CONFIG_RELOADS_TOTAL, "result" => if ok { "ok" } else { "error" }).increment(1);
+}
+
+/// A session recording failed.
+pub fn recording_failed() {
+    counter!(RECORDING_FAILURES_TOTAL).increment(1);
 }

@@ -45,6 +45,14 @@ impl Settings {
         )
         .context("auth.trusted_user_ca_keys")?
         .with_revocation(revocation);
+        if let Some(dir) = &config.session.record_dir.0 {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("session.record_dir {}", dir.display()))?;
+        }
         let mut expiry_warnings: Vec<Duration> =
             config.auth.expiry_warnings.iter().map(|s| s.0).collect();
         expiry_warnings.sort_unstable_by(|a, b| b.cmp(a));

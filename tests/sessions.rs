@@ -720,3 +720,45 @@ async fn finished_sessions_free_their_place_on_the_connection() {
         "{events:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn terminal_sessions_are_recorded_as_asciicast() {
+    let (bastion, container, key) = bench_and_bastion(&[], &["-V", VALID], |dir, config| {
+        config.session.record_dir = benchgate::config::Optional(Some(dir.join("casts")));
+    })
+    .await;
+    let run = bastion
+        .exec(
+            &container.bench,
+            &key,
+            &["-tt"],
+            "echo recorded-$((6*7))",
+            b"",
+        )
+        .await;
+    assert!(run.stdout_text().contains("recorded-42"), "{run:?}");
+    // Commands without a terminal are not recorded.
+    bastion
+        .exec(&container.bench, &key, &[], "echo plain", b"")
+        .await;
+    let casts: Vec<_> = std::fs::read_dir(bastion.path("casts"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(casts.len(), 1, "{casts:?}");
+    let text = std::fs::read_to_string(&casts[0]).unwrap();
+    let mut lines = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap());
+    let header = lines.next().unwrap();
+    assert_eq!(header["version"], 2);
+    assert!(
+        header["width"].as_u64().unwrap() > 0 && header["height"].as_u64().unwrap() > 0,
+        "{header}"
+    );
+    let output: String = lines
+        .filter(|e| e[1] == "o")
+        .map(|e| e[2].as_str().unwrap().to_owned())
+        .collect();
+    assert!(output.contains("recorded-42"), "{output:?}");
+}

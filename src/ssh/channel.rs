@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use russh::server::Msg;
@@ -14,10 +14,11 @@ use tokio::sync::broadcast;
 use super::lifetime::{Link, Notice, Touching};
 use super::server::Shared;
 use crate::audit::{Event, Kind};
-use crate::auth::Grant;
+use crate::auth::{self, Grant};
 use crate::docker::exec::{self, Exec, Spec, MARKER_VAR};
 use crate::docker::{Bench, Lookup};
 use crate::metrics;
+use crate::recording::Recorder;
 
 /// How often teardown is tried before giving up (each Docker call is bounded).
 const TEARDOWN_ATTEMPTS: u32 = 3;
@@ -176,11 +177,16 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
         link.clone(),
         bytes_out.clone(),
     );
+    let recorder = record(&shared, &request, &marker);
+    let teed = Teed {
+        inner: stdout,
+        recorder: recorder.clone(),
+    };
     let pump_out = async move {
         if tty {
-            copy_flushed(output, stdout).await
+            copy_flushed(output, teed).await
         } else {
-            exec::demux(output, stdout, stderr).await
+            exec::demux(output, teed, stderr).await
         }
     };
     let (resize_endpoint, resize_id, counted_in, touched) = (
@@ -189,6 +195,7 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
         bytes_in.clone(),
         link.clone(),
     );
+    let recorded_resizes = recorder.clone();
     let pump_in = async move {
         while let Some(message) = from_client.wait().await {
             match message {
@@ -212,6 +219,9 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
                     row_height,
                     ..
                 } => {
+                    if let Some(recorder) = &recorded_resizes {
+                        lock(recorder).resize(col_width, row_height);
+                    }
                     let _ = exec::resize(&resize_endpoint, &resize_id, col_width, row_height).await;
                 }
                 ChannelMsg::Close => break,
@@ -224,6 +234,10 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
         tokio::select! {
             _ = &mut pump_out => {
                 let status = exit_status(&exec_endpoint, &exec_id, &bench, &to_client, tty).await;
+                // The recording is complete before the client learns the session is over.
+                if let Some(recorder) = &recorder {
+                    lock(recorder).finish();
+                }
                 finish(&to_client, status).await;
                 break status.to_string();
             }
@@ -298,6 +312,75 @@ async fn exit_status(
     }
     tracing::debug!(%state, "killed process in a running container");
     code.map_or(255, |c| (c & 0xff) as u32)
+}
+
+/// A recording of this PTY session when `session.record_dir` is set; a failure to start one
+/// is logged and counted, and the session goes on.
+fn record(shared: &Shared, request: &Request, marker: &str) -> Option<Arc<Mutex<Recorder>>> {
+    let settings = shared.settings();
+    let (Some(dir), Some(pty)) = (&settings.session.record_dir.0, &request.pty) else {
+        return None;
+    };
+    let title = format!(
+        "{} {}",
+        request.grant.bench,
+        auth::bounded(&request.grant.key_id)
+    );
+    let id = &marker[..8];
+    match Recorder::create(
+        dir,
+        &request.grant.bench,
+        id,
+        pty.cols,
+        pty.rows,
+        &pty.term,
+        &title,
+    ) {
+        Ok(recorder) => Some(Arc::new(Mutex::new(recorder))),
+        Err(e) => {
+            metrics::recording_failed();
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot start session recording");
+            None
+        }
+    }
+}
+
+fn lock(recorder: &Mutex<Recorder>) -> std::sync::MutexGuard<'_, Recorder> {
+    recorder.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A writer that also hands what it writes to the session's recording.
+struct Teed<W> {
+    inner: W,
+    recorder: Option<Arc<Mutex<Recorder>>>,
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Teed<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let written = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let (std::task::Poll::Ready(Ok(n)), Some(recorder)) = (&written, &self.recorder) {
+            lock(recorder).output(&buf[..*n]);
+        }
+        written
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 async fn copy_flushed(
