@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod notify;
 pub mod policy;
 pub mod proxy_protocol;
+pub mod quickstart;
 pub mod recording;
 pub mod settings;
 pub mod ssh;

@@ -58,6 +58,16 @@ enum Command {
         /// The user's public key (.pub).
         pubkey: PathBuf,
     },
+    /// A demo on one machine: a CA, a host key, a demo bench container, a user key and
+    /// certificate; then serves on 127.0.0.1:2222 and prints the ssh command.
+    Quickstart {
+        /// Where to put the demo's keys, config and audit log.
+        #[arg(long, default_value = "benchgate-quickstart")]
+        dir: PathBuf,
+        /// Address to serve on.
+        #[arg(long, default_value = "127.0.0.1:2222")]
+        listen: std::net::SocketAddr,
+    },
     /// Say whether CERT would be accepted for bench NAME right now, and every reason why not.
     Explain {
         /// Config file [default: /etc/benchgate/benchgate.toml if present, else built-in defaults]
@@ -101,6 +111,11 @@ fn main() -> ExitCode {
             };
             benchgate::commands::issue(&args).and_then(|text| print_all(&text))
         }
+        Command::Quickstart { dir, listen } => benchgate::quickstart::prepare(&dir, listen)
+            .and_then(|(config, text)| {
+                print_all(&text)?;
+                serve(Some(&config))
+            }),
         Command::Explain {
             config,
             bench,

@@ -307,3 +307,73 @@ fn systemd_unit_verifies_and_is_well_sandboxed() {
         .unwrap_or_else(|| panic!("no exposure figure in: {report}"));
     assert!(exposure <= 2.0, "exposure {exposure}: {report}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quickstart_serves_a_demo_bench() {
+    use tokio::io::AsyncBufReadExt;
+    struct Demo(tokio::process::Child);
+    impl Drop for Demo {
+        fn drop(&mut self) {
+            let _ = self.0.start_kill();
+            let _ = Command::new("docker")
+                .args(["rm", "-f", benchgate::quickstart::CONTAINER])
+                .output();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut demo = Demo(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_benchgate"))
+            .args([
+                "quickstart",
+                "--dir",
+                dir.path().join("demo").to_str().unwrap(),
+            ])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = tokio::io::BufReader::new(demo.0.stdout.take().unwrap()).lines();
+    let mut command = None;
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(std::time::Duration::from_secs(120), lines.next_line()).await
+    {
+        if let Some(ssh) = line
+            .trim()
+            .strip_prefix("ssh -i ")
+            .filter(|l| !l.contains('\''))
+        {
+            command = Some(ssh.to_owned());
+            break;
+        }
+    }
+    let command = command.expect("quickstart printed no ssh command");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The printed command, as a person would paste it, plus what a test needs.
+    let mut ssh = tokio::process::Command::new("ssh");
+    ssh.args([
+        "-F",
+        "none",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "IdentityAgent=none",
+        "-i",
+    ])
+    .args(command.split_whitespace())
+    .arg("echo hello from $BENCHGATE_BENCH as $(id -un)");
+    let run = support::run_client(ssh, b"").await;
+    assert_eq!(run.stdout_text(), "hello from demo as frappe\n", "{run:?}");
+}
