@@ -762,3 +762,68 @@ async fn terminal_sessions_are_recorded_as_asciicast() {
         .collect();
     assert!(output.contains("recorded-42"), "{output:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_events_carry_the_spec_fields() {
+    let (bastion, container, key) = setup(&[], &[]).await;
+    bastion
+        .exec(&container.bench, &key, &[], "echo audited", b"")
+        .await;
+    bastion
+        .exec(&container.bench, &key, &["-W", "127.0.0.1:9"], "", b"")
+        .await;
+    let stranger = bastion.user_with_cert("stranger", "ca", &["-n", "elsewhere", "-V", VALID]);
+    bastion
+        .rejection_reasons(&container.bench, &stranger, &[])
+        .await;
+    let events = bastion.audit_after_closed(3).await;
+    let find = |kind: &str| {
+        events
+            .iter()
+            .find(|e| e["event"] == kind)
+            .unwrap_or_else(|| panic!("no {kind}: {events:#?}"))
+    };
+    let has = |event: &serde_json::Value, fields: &[&str]| {
+        for field in fields {
+            assert!(!event[field].is_null(), "{field} missing in {event}");
+        }
+    };
+    let identity = ["ts", "event", "peer", "bench", "key_id", "serial", "ca"];
+    has(find("auth.accepted"), &identity);
+    has(
+        find("auth.rejected"),
+        &["ts", "peer", "bench", "key_id", "serial", "ca", "reason"],
+    );
+    has(
+        find("request.refused"),
+        &[&identity[..], &["request"]].concat(),
+    );
+    has(
+        find("session.start"),
+        &[&identity[..], &["container", "command"]].concat(),
+    );
+    let end = find("session.end");
+    has(
+        end,
+        &[
+            &identity[..],
+            &[
+                "container",
+                "command",
+                "exit_status",
+                "duration_ms",
+                "bytes_in",
+                "bytes_out",
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(end["bytes_out"], "audited\n".len());
+    has(
+        find("connection.closed"),
+        &["ts", "peer", "reason", "duration_ms"],
+    );
+    assert!(events
+        .iter()
+        .all(|e| e["ts"].as_str().unwrap().ends_with('Z')));
+}

@@ -108,11 +108,11 @@ pub fn reject(
     if let Some(cert) = cert {
         event = event.certificate(cert.key_id(), cert.serial(), ca_fingerprint(cert));
         tracing::warn!(
-            %peer, bench = ?user.map(auth::bounded), key_id = %auth::bounded(cert.key_id()),
+            %peer, bench = %user.map(auth::bounded).unwrap_or_default(), key_id = %auth::bounded(cert.key_id()),
             serial = cert.serial(), reason = reason.label(), "auth rejected: {reason}"
         );
     } else {
-        tracing::warn!(%peer, bench = ?user.map(auth::bounded), reason = reason.label(), "auth rejected: {reason}");
+        tracing::warn!(%peer, bench = %user.map(auth::bounded).unwrap_or_default(), reason = reason.label(), "auth rejected: {reason}");
     }
     shared.audit.record(&event);
 }
