@@ -242,6 +242,15 @@ fn describe() {
         counter!(DISCONNECTS_TOTAL, "reason" => reason).absolute(0);
     }
     gauge!(BENCHES_KNOWN).set(0.0);
+    // Registering a histogram exports its (empty) buckets before the first observation.
+    for name in [
+        HANDSHAKE_SECONDS,
+        EXEC_START_SECONDS,
+        SESSION_DURATION_SECONDS,
+        CERT_REMAINING_SECONDS,
+    ] {
+        let _ = histogram!(name);
+    }
     describe_counter!(
         CONFIG_RELOADS_TOTAL,
         "Configuration reloads (SIGHUP) by result"

@@ -84,6 +84,13 @@ async fn a_session_and_rejections_move_their_metrics() {
         r#"benchgate_disconnects_total{reason="expired"}"#,
         r#"benchgate_docker_errors_total{op="exec_create"}"#,
         r#"benchgate_config_reloads_total{result="error"}"#,
+        "benchgate_connections_active",
+        "benchgate_benches_known",
+        "benchgate_recording_failures_total",
+        "benchgate_handshake_seconds_count",
+        "benchgate_exec_start_seconds_count",
+        "benchgate_session_duration_seconds_count",
+        "benchgate_cert_remaining_seconds_count",
     ] {
         assert!(before.contains_key(series), "{series} missing");
     }
