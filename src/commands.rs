@@ -56,6 +56,10 @@ pub struct IssueArgs {
 
 /// Signs, writes `<key>-cert.pub`, and returns what to tell the user.
 pub fn issue(args: &IssueArgs) -> anyhow::Result<String> {
+    const YEAR: Duration = Duration::from_secs(366 * 24 * 3600);
+    if args.validity.is_zero() || args.validity > YEAR {
+        anyhow::bail!("--validity must be more than 0 and at most a year (the platform issues 6h)");
+    }
     let ca = PrivateKey::read_openssh_file(&args.ca)
         .with_context(|| format!("CA key {}", args.ca.display()))?;
     let subject = PublicKey::read_openssh_file(&args.public_key)

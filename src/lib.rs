@@ -30,6 +30,7 @@ pub async fn start(
     config: &config::Config,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<Arc<ssh::server::Shared>> {
+    settings::prepare(config)?;
     let settings = tokio::sync::watch::Sender::new(Arc::new(settings::Settings::load(config)?));
     tokio::spawn(settings::follow_revocations(
         settings.clone(),

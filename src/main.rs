@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use benchgate::config::{self, Config};
@@ -173,9 +174,10 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
     let mut report = format!("# {source}: OK\n");
     if let Some(path) = &config.auth.revoked_keys.0 {
         match benchgate::auth::revocation::Revocation::load(path) {
+            // Not fatal: the daemon starts and refuses every login until the list is fixed.
             benchgate::auth::revocation::Revocation::Unavailable { reason, .. } => {
-                anyhow::bail!(
-                    "auth.revoked_keys {}: {reason} (every login would be refused)",
+                report += &format!(
+                    "# WARNING: revocation list {}: {reason}; every login is refused until it is fixed\n",
                     path.display()
                 )
             }
@@ -209,6 +211,8 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         benchgate::logging::init(config.log.format);
+        // Set once the SSH listeners are bound: /health says "starting" until then.
+        let serving = Arc::new(std::sync::OnceLock::<Arc<benchgate::ssh::server::Shared>>::new());
         // The recorder first, so start-up (the first bench listing) is counted too.
         if let Some(addr) = config.metrics.listen.0 {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -216,7 +220,12 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
                 .with_context(|| format!("metrics.listen: cannot bind {addr}"))?;
             let handle =
                 benchgate::metrics::install().context("cannot install the metrics recorder")?;
-            tokio::spawn(benchgate::metrics::serve(listener, handle));
+            let serving = serving.clone();
+            let health: benchgate::metrics::Health = Arc::new(move || match serving.get() {
+                None => Some("starting".to_owned()),
+                Some(shared) => shared.health(),
+            });
+            tokio::spawn(benchgate::metrics::serve(listener, handle, health));
         }
         let shutdown = CancellationToken::new();
         let shared = benchgate::start(&config, shutdown.clone()).await?;
@@ -234,6 +243,7 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
             shared.settings.clone(),
         ));
         tracing::info!(config = %source, listen = ?config.server.listen.0, "benchgate ready");
+        let _ = serving.set(shared.clone());
         notify(State::Ready);
         benchgate::ssh::server::serve(shared, listeners, shutdown).await;
         tracing::info!("benchgate stopped");

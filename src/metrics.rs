@@ -1,5 +1,6 @@
 //! Metric names, help texts and the typed helpers that record them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
@@ -129,9 +130,15 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
 /// Longest HTTP request head read on the metrics endpoint.
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
 
+/// What `/health` reports: `None` when healthy, else why not (answered with 503).
+pub type Health = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// Requests the endpoint serves at once; more wait for a place.
+const MAX_REQUESTS: usize = 16;
+
 /// Serves `GET /metrics` (Prometheus text) and `GET /health` on `listener` until the process
 /// ends; anything else gets 404.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle, health: Health) {
     let upkeep = handle.clone();
     tokio::spawn(async move {
         loop {
@@ -139,19 +146,29 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
             upkeep.run_upkeep();
         }
     });
+    let places = Arc::new(tokio::sync::Semaphore::new(MAX_REQUESTS));
     loop {
+        let Ok(place) = places.clone().acquire_owned().await else {
+            return;
+        };
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let handle = handle.clone();
+        let (handle, health) = (handle.clone(), health.clone());
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &handle)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &handle, &health))
+                .await;
+            drop(place);
         });
     }
 }
 
-async fn answer(mut stream: TcpStream, handle: &PrometheusHandle) -> std::io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    handle: &PrometheusHandle,
+    health: &Health,
+) -> std::io::Result<()> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST_BYTES {
@@ -166,9 +183,14 @@ async fn answer(mut stream: TcpStream, handle: &PrometheusHandle) -> std::io::Re
         b"GET /metrics HTTP/1.1" | b"GET /metrics HTTP/1.0" => {
             ("200 OK", "text/plain; version=0.0.4", handle.render())
         }
-        b"GET /health HTTP/1.1" | b"GET /health HTTP/1.0" => {
-            ("200 OK", "text/plain", "ok\n".to_owned())
-        }
+        b"GET /health HTTP/1.1" | b"GET /health HTTP/1.0" => match health() {
+            None => ("200 OK", "text/plain", "ok\n".to_owned()),
+            Some(problem) => (
+                "503 Service Unavailable",
+                "text/plain",
+                format!("{problem}\n"),
+            ),
+        },
         _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
     };
     let response = format!(

@@ -37,7 +37,18 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> anyhow::Result<(PathBuf, Strin
         bail!("quickstart builds its demo image from /bin/busybox: install it with `apt-get install busybox-static`");
     }
     let image = build_image()?;
-    let _ = docker(&["rm", "-f", CONTAINER]);
+    // Replace an earlier demo, but never someone else's container of that name.
+    if let Ok(label) = docker(&[
+        "inspect",
+        "-f",
+        "{{index .Config.Labels \"benchgate.bench\"}}",
+        CONTAINER,
+    ]) {
+        if label.trim() != BENCH {
+            bail!("a container named {CONTAINER} exists and is not a benchgate demo; remove or rename it");
+        }
+        docker(&["rm", "-f", CONTAINER])?;
+    }
     docker(&[
         "run",
         "-d",

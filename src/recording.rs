@@ -9,10 +9,14 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 
+/// Largest recording kept; past it the recording stops (a `yes` must not fill the disk).
+pub const MAX_RECORDING_BYTES: u64 = 64 * 1024 * 1024;
+
 /// One session's recording.
 pub struct Recorder {
     path: PathBuf,
     file: Option<BufWriter<File>>,
+    written: u64,
     started: Instant,
     /// Bytes of a UTF-8 sequence cut at the end of the last chunk.
     carry: Vec<u8>,
@@ -52,6 +56,7 @@ impl Recorder {
         Ok(Self {
             path,
             file: Some(file),
+            written: 0,
             started: Instant::now(),
             carry: Vec::new(),
         })
@@ -102,10 +107,14 @@ impl Recorder {
         let Some(file) = self.file.as_mut() else {
             return;
         };
-        let line = json!([self.started.elapsed().as_secs_f64(), kind, data]);
+        let line = json!([self.started.elapsed().as_secs_f64(), kind, data]).to_string();
+        self.written += line.len() as u64 + 1;
         if let Err(e) = writeln!(file, "{line}") {
             self.file = None;
             self.failed(&e);
+        } else if self.written > MAX_RECORDING_BYTES {
+            self.finish();
+            self.failed(&std::io::Error::other("size limit reached"));
         }
     }
 

@@ -45,14 +45,6 @@ impl Settings {
         )
         .context("auth.trusted_user_ca_keys")?
         .with_revocation(revocation);
-        if let Some(dir) = &config.session.record_dir.0 {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .with_context(|| format!("session.record_dir {}", dir.display()))?;
-        }
         let mut expiry_warnings: Vec<Duration> =
             config.auth.expiry_warnings.iter().map(|s| s.0).collect();
         expiry_warnings.sort_unstable_by(|a, b| b.cmp(a));
@@ -80,9 +72,24 @@ fn report(revocation: &Revocation) {
     }
 }
 
+/// Creates the directories the settings write to (the recordings'), mode 0700. For the
+/// daemon only: `explain` loads settings too and must not create anything.
+pub fn prepare(config: &Config) -> anyhow::Result<()> {
+    if let Some(dir) = &config.session.record_dir.0 {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("session.record_dir {}", dir.display()))?;
+    }
+    Ok(())
+}
+
 /// Replaces the settings from the config file at `path`; on any error the old ones stay.
 pub fn reload(path: &Path, settings: &watch::Sender<Arc<Settings>>) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    prepare(&config)?;
     let new = Settings::load(&config)?;
     settings.send_replace(Arc::new(new));
     Ok(())
@@ -107,11 +114,30 @@ pub async fn follow_revocations(
             continue;
         }
         let revocation = Revocation::load(path);
+        // A file rewritten in place while it was read is read again on the next poll.
+        if revocation.source().and_then(|(_, stamp)| stamp).cloned() != Stamp::of(path) {
+            continue;
+        }
         report(&revocation);
-        settings.send_modify(|current| {
-            let mut next = Settings::clone(current);
+        let compared = current
+            .trust
+            .revocation
+            .source()
+            .map(|(p, s)| (p.to_owned(), s.cloned()));
+        settings.send_if_modified(|latest| {
+            // A SIGHUP reload in the meantime wins: install only over what was compared.
+            let now = latest
+                .trust
+                .revocation
+                .source()
+                .map(|(p, s)| (p.to_owned(), s.cloned()));
+            if now != compared {
+                return false;
+            }
+            let mut next = Settings::clone(latest);
             next.trust = next.trust.clone().with_revocation(revocation);
-            *current = Arc::new(next);
+            *latest = Arc::new(next);
+            true
         });
     }
 }

@@ -115,17 +115,19 @@ async fn krl_revokes_by_serial_key_id_key_fingerprint_and_ca_key() {
         args.extend_from_slice(extra);
         bastion.user_with_cert(name, ca, &args)
     };
-    let by_serial = sign("by_serial", "ca", &["-z", "1005"]);
-    let by_range = sign("by_range", "ca", &["-z", "2"]);
+    let by_serial = sign("by_serial", "ca", &["-z", "1505"]);
+    // ssh-keygen writes serials 1-3 as a bitmap and 100-1100 as a range.
+    let by_bitmap = sign("by_bitmap", "ca", &["-z", "2"]);
+    let by_range = sign("by_range", "ca", &["-z", "500"]);
     let by_id = sign("by_id", "ca", &["-I", "leaked-laptop"]);
     let by_key = sign("by_key", "ca", &[]);
     let by_ca = sign("by_ca", "ca2", &[]);
     let by_sha1 = sign("by_sha1", "ca", &[]);
     let by_sha256 = sign("by_sha256", "ca", &[]);
     let serial_zero = sign("serial_zero", "ca", &["-z", "0"]);
-    let good = sign("good", "ca", &["-z", "1006"]);
+    let good = sign("good", "ca", &["-z", "2006"]);
     let spec = format!(
-        "serial: 1-3\nserial: 1005\nid: leaked-laptop\nkey: {}\nkey: {}\nsha1: {}\nsha256: {}\n",
+        "serial: 1-3\nserial: 100-1100\nserial: 1505\nid: leaked-laptop\nkey: {}\nkey: {}\nsha1: {}\nsha256: {}\n",
         public_key(&by_key),
         public_key(&bastion.path("ca2")),
         public_key(&by_sha1),
@@ -135,7 +137,7 @@ async fn krl_revokes_by_serial_key_id_key_fingerprint_and_ca_key() {
     bastion.wait_for_bench(bench).await;
     // The file is re-read within a second or so of the change.
     for key in [
-        &by_serial, &by_range, &by_id, &by_key, &by_ca, &by_sha1, &by_sha256,
+        &by_serial, &by_bitmap, &by_range, &by_id, &by_key, &by_ca, &by_sha1, &by_sha256,
     ] {
         bastion.eventually_refused_for(bench, key, "revoked").await;
     }

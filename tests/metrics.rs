@@ -23,7 +23,7 @@ fn endpoint() -> SocketAddr {
             let runtime = tokio::runtime::Runtime::new().unwrap();
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                benchgate::metrics::serve(listener, handle).await;
+                benchgate::metrics::serve(listener, handle, std::sync::Arc::new(|| None)).await;
             });
         });
         addr

@@ -353,8 +353,12 @@ fn parse_krl(bytes: &[u8]) -> Result<Revocations, KrlError> {
                     );
                 }
             }
-            // A signature covers what precedes it; sshd does not verify it either.
-            SECTION_SIGNATURE => {}
+            // Its layout differs from other sections', and OpenSSH 9.4+ refuses signed KRLs.
+            SECTION_SIGNATURE => {
+                return Err(KrlError::UnknownSection(
+                    "signature (signed KRLs are not supported; publish it unsigned)".into(),
+                ))
+            }
             SECTION_EXTENSION => extension(data)?,
             other => return Err(KrlError::UnknownSection(format!("0x{other:02x}"))),
         }

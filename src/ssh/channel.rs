@@ -249,6 +249,7 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
                 // Warnings are for people at a terminal; a script's stderr is left alone.
                 Ok(Notice::Warn(text)) if tty => say(&to_client, &text, tty).await,
                 Ok(Notice::Warn(_)) => {}
+                Ok(Notice::Tell(text)) => say(&to_client, &text, tty).await,
                 Ok(Notice::End(text)) => {
                     say(&to_client, &text, tty).await;
                     finish(&to_client, 255).await;

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::server::Shared;
 use crate::auth::{cert::still_valid, Grant, Rejection};
+use crate::settings::Settings;
 
 /// How often idleness is checked.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
@@ -21,8 +22,10 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// A message from the connection to its sessions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
-    /// Print this line and carry on.
+    /// Print this line at a terminal and carry on (scripts' stderr is left alone).
     Warn(String),
+    /// Print this line in every session and carry on.
+    Tell(String),
     /// Print this line and end the session.
     End(String),
 }
@@ -219,6 +222,15 @@ pub fn spoken(lead: Duration) -> String {
     format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
 }
 
+/// Why `grant` may no longer keep its connection under `settings`, if it may not.
+fn recheck(grant: &Grant, settings: &Settings) -> Option<Ended> {
+    match still_valid(&grant.certificate, &settings.trust) {
+        Ok(()) => None,
+        Err(Rejection::Revoked) => Some(Ended::Revoked),
+        Err(_) => Some(Ended::CaRemoved),
+    }
+}
+
 /// Watches an authenticated connection until `closed` resolves (the client or russh ended
 /// it) or the server must end it, sending expiry warnings on the way.
 pub async fn supervise(
@@ -231,6 +243,10 @@ pub async fn supervise(
     tokio::pin!(closed);
     let mut settings_changes = shared.settings.subscribe();
     let settings = shared.settings();
+    // Trust may have changed between the login's check and this subscription.
+    if let Some(ended) = recheck(grant, &settings) {
+        return ended;
+    }
     let now = unix_now();
     // Warnings whose moment has already passed at login are skipped.
     let mut warnings: Vec<Duration> = settings
@@ -261,11 +277,8 @@ pub async fn supervise(
                 if changed.is_err() {
                     return Ended::Shutdown;
                 }
-                let settings = shared.settings();
-                match still_valid(&grant.certificate, &settings.trust) {
-                    Ok(()) => {}
-                    Err(Rejection::Revoked) => return Ended::Revoked,
-                    Err(_) => return Ended::CaRemoved,
+                if let Some(ended) = recheck(grant, &shared.settings()) {
+                    return ended;
                 }
             }
             _ = tokio::time::sleep(IDLE_CHECK), if idle_timeout.is_some() => {

@@ -59,6 +59,16 @@ pub struct Shared {
 const AUTH_REJECTION_TIME: Duration = Duration::from_millis(20);
 
 impl Shared {
+    /// Why this bastion cannot serve logins now, if it cannot (for `/health`).
+    pub fn health(&self) -> Option<String> {
+        match &self.settings().trust.revocation {
+            crate::auth::revocation::Revocation::Unavailable { reason, .. } => Some(format!(
+                "revocation list unavailable, every login is refused: {reason}"
+            )),
+            _ => None,
+        }
+    }
+
     /// The settings in force now.
     pub fn settings(&self) -> Arc<Settings> {
         self.settings.borrow().clone()
@@ -314,7 +324,7 @@ async fn connection(
             finished = end == Ended::Closed;
             if end == Ended::Shutdown {
                 let grace = shared.shutdown_grace;
-                link.tell(Notice::Warn(format!(
+                link.tell(Notice::Tell(format!(
                     "benchgate: the bastion is shutting down; this connection ends within {}",
                     lifetime::spoken(grace)
                 )));
