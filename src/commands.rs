@@ -4,7 +4,6 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -213,19 +212,7 @@ pub async fn explain(
 
 /// The group label of `bench`'s running container, asking the configured engines (bounded).
 async fn bench_group(config: &Config, bench: &str) -> anyhow::Result<Option<String>> {
-    let timeout = config.docker.request_timeout.0;
-    let endpoints = config
-        .docker
-        .endpoints
-        .0
-        .iter()
-        .map(|e| docker::Endpoint::new(e, timeout).map(Arc::new))
-        .collect::<Result<Vec<_>, _>>()?;
-    let index = docker::Index::new(
-        endpoints,
-        config.docker.bench_label.clone(),
-        config.docker.group_label.clone(),
-    );
+    let index = docker::Index::from_config(&config.docker)?;
     let errors = index.sync_all().await;
     if let (Some(first), docker::Lookup::Unknown) = (errors.first(), index.lookup(bench)) {
         anyhow::bail!("{first}");

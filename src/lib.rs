@@ -47,19 +47,7 @@ pub async fn start(
                 .unwrap_or_default()
         )
     })?;
-    let timeout = config.docker.request_timeout.0;
-    let endpoints = config
-        .docker
-        .endpoints
-        .0
-        .iter()
-        .map(|e| docker::Endpoint::new(e, timeout).map(Arc::new))
-        .collect::<Result<Vec<_>, _>>()?;
-    let benches = Arc::new(docker::Index::new(
-        endpoints,
-        config.docker.bench_label.clone(),
-        config.docker.group_label.clone(),
-    ));
+    let benches = Arc::new(docker::Index::from_config(&config.docker)?);
     for error in benches.sync_all().await {
         tracing::warn!(%error, "docker endpoint unavailable at start; retrying in the background");
     }

@@ -69,6 +69,21 @@ impl Index {
         }
     }
 
+    /// An empty index over the engines `config` names (nothing is contacted yet).
+    pub fn from_config(config: &crate::config::Docker) -> Result<Self, Error> {
+        let endpoints = config
+            .endpoints
+            .0
+            .iter()
+            .map(|e| Endpoint::new(e, config.request_timeout.0).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::new(
+            endpoints,
+            config.bench_label.clone(),
+            config.group_label.clone(),
+        ))
+    }
+
     /// The endpoint at `index`.
     pub fn endpoint(&self, index: usize) -> Option<&Arc<Endpoint>> {
         self.endpoints.get(index)
