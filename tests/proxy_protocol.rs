@@ -43,13 +43,18 @@ fn header(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
     out
 }
 
+/// A bastion expecting PROXY headers from `trusted` (a network).
+async fn behind_proxies(trusted: &str) -> Bastion {
+    Bastion::start(|_, config| {
+        config.server.proxy_protocol = true;
+        config.server.trusted_proxies = vec![Net(trusted.parse().unwrap())];
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn source_address_is_judged_on_the_address_in_the_header() {
-    let mut bastion = Bastion::start(|_, config| {
-        config.server.proxy_protocol = true;
-        config.server.trusted_proxies = vec![Net("127.0.0.0/8".parse().unwrap())];
-    })
-    .await;
+    let mut bastion = behind_proxies("127.0.0.0/8").await;
     let real_client: SocketAddr = "198.51.100.7:40000".parse().unwrap();
     let relay = relay(bastion.addr, real_client).await;
     bastion.reach_via(relay);
@@ -98,11 +103,7 @@ async fn source_address_is_judged_on_the_address_in_the_header() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_without_a_header_is_closed() {
-    let bastion = Bastion::start(|_, config| {
-        config.server.proxy_protocol = true;
-        config.server.trusted_proxies = vec![Net("127.0.0.0/8".parse().unwrap())];
-    })
-    .await;
+    let bastion = behind_proxies("127.0.0.0/8").await;
     let key = bastion.user_with_cert("user", "ca", &["-n", BENCH, "-V", "-5m:+1h"]);
     let result = bastion.ssh(BENCH, &key, &[]).await;
     assert_eq!(result.code, Some(255), "{result:?}");
@@ -115,11 +116,7 @@ async fn a_connection_without_a_header_is_closed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn headers_from_untrusted_addresses_are_refused() {
-    let mut bastion = Bastion::start(|_, config| {
-        config.server.proxy_protocol = true;
-        config.server.trusted_proxies = vec![Net("10.9.9.9/32".parse().unwrap())];
-    })
-    .await;
+    let mut bastion = behind_proxies("10.9.9.9/32").await;
     let relay = relay(bastion.addr, "198.51.100.7:40000".parse().unwrap()).await;
     bastion.reach_via(relay);
     let key = bastion.user_with_cert("user", "ca", &["-n", BENCH, "-V", "-5m:+1h"]);

@@ -333,26 +333,8 @@ fn parse_krl(bytes: &[u8]) -> Result<Revocations, KrlError> {
                     revocations.keys.insert(key_blob(keys.string()?)?);
                 }
             }
-            SECTION_FINGERPRINT_SHA1 => {
-                let mut fps = Reader::new(data);
-                while !fps.done() {
-                    let fp = fps.string()?;
-                    revocations.sha1.insert(
-                        fp.try_into()
-                            .map_err(|_| malformed("SHA1 fingerprint length"))?,
-                    );
-                }
-            }
-            SECTION_FINGERPRINT_SHA256 => {
-                let mut fps = Reader::new(data);
-                while !fps.done() {
-                    let fp = fps.string()?;
-                    revocations.sha256.insert(
-                        fp.try_into()
-                            .map_err(|_| malformed("SHA256 fingerprint length"))?,
-                    );
-                }
-            }
+            SECTION_FINGERPRINT_SHA1 => fingerprints(data, &mut revocations.sha1, "SHA1")?,
+            SECTION_FINGERPRINT_SHA256 => fingerprints(data, &mut revocations.sha256, "SHA256")?,
             // Its layout differs from other sections', and OpenSSH 9.4+ refuses signed KRLs.
             SECTION_SIGNATURE => {
                 return Err(KrlError::UnknownSection(
@@ -413,6 +395,23 @@ fn parse_cert_section(data: &[u8], revocations: &mut Revocations) -> Result<(), 
         }
     }
     revocations.scopes.push((ca, scope));
+    Ok(())
+}
+
+/// A fingerprint section: strings of exactly `N` bytes each.
+fn fingerprints<const N: usize>(
+    data: &[u8],
+    into: &mut HashSet<[u8; N]>,
+    hash: &str,
+) -> Result<(), KrlError> {
+    let mut r = Reader::new(data);
+    while !r.done() {
+        let fp = r.string()?;
+        into.insert(
+            fp.try_into()
+                .map_err(|_| malformed(&format!("{hash} fingerprint length")))?,
+        );
+    }
     Ok(())
 }
 
