@@ -18,6 +18,8 @@ need openssl openssl
 need systemd-analyze systemd
 need sftp openssh-client
 [ -x /bin/busybox ] || need_apt+=(busybox-static)
+# The load harness's baseline (benches/load): OpenSSH sshd as the usual bench bastion.
+[ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
 docker_ok() { docker info >/dev/null 2>&1; }
 if ! docker_ok; then
   command -v dockerd >/dev/null 2>&1 || need_apt+=(docker.io)
@@ -39,5 +41,6 @@ for tool in cargo ssh ssh-keygen sftp scp rsync tmux socat stunnel openssl syste
   command -v "$tool" >/dev/null 2>&1 || { echo "setup: $tool is required but missing" >&2; exit 1; }
 done
 [ -x /bin/busybox ] || { echo "setup: /bin/busybox (busybox-static) is required but missing" >&2; exit 1; }
+[ -x /usr/sbin/sshd ] || { echo "setup: /usr/sbin/sshd (openssh-server) is required but missing" >&2; exit 1; }
 docker_ok || { echo "setup: the Docker engine does not answer (see /tmp/benchgate-dockerd.log); start it with: dockerd &" >&2; exit 1; }
 bash "$(dirname "$0")/bench-image.sh"

@@ -107,7 +107,6 @@ impl Shared {
             inactivity_timeout: None,
             keepalive_interval: server.keepalive_interval.nonzero(),
             keepalive_max: 3,
-            nodelay: true,
             preferred,
             ..SshConfig::default()
         };
@@ -186,6 +185,11 @@ async fn accept_loop(gate: Arc<Gate>, listener: TcpListener) {
                 }
             },
         };
+        // russh sets TCP_NODELAY only on sockets it accepts itself; without it every
+        // handshake and session start waits out delayed ACKs (about 40 ms each time).
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+        }
         // Connections turned away are closed before the SSH version exchange.
         let Ok(permit) = gate.connections.clone().try_acquire_owned() else {
             turn_away(peer, Outcome::MaxConnections);
