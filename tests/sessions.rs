@@ -274,6 +274,21 @@ async fn background_job_ends_with_the_interactive_shell() {
     bench.wait_gone("sleep 777").await;
 }
 
+/// A command that exits normally is cleaned up after by its own wrapper (no teardown exec
+/// follows it): background jobs end, and one that ignores SIGTERM gets SIGKILL.
+#[tokio::test(flavor = "multi_thread")]
+async fn background_jobs_of_a_finished_command_end() {
+    let (bastion, bench, key) = setup(&[], &[]).await;
+    let command = "sleep 555 >/dev/null 2>&1 & \
+                   sh -c 'trap \"\" TERM; exec sleep 556' >/dev/null 2>&1 & \
+                   echo started; exit 3";
+    let run = bastion.exec(&bench.bench, &key, &[], command, b"").await;
+    assert_eq!(run.code, Some(3), "{}", run.stderr);
+    assert_eq!(run.stdout_text(), "started\n");
+    bench.wait_gone("sleep 555").await;
+    bench.wait_gone("sleep 556").await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_client_leaves_nothing_running() {
     let (bastion, bench, key) = setup(&[], &[]).await;

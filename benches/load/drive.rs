@@ -236,11 +236,26 @@ impl Target {
 }
 
 impl Terminal {
+    /// Types `keys`.
+    pub async fn send(&mut self, keys: &[u8]) -> anyhow::Result<()> {
+        self.input.write_all(keys).await?;
+        Ok(self.input.flush().await?)
+    }
+
+    /// Everything the terminal shows within `window`.
+    pub async fn collect(&mut self, window: Duration) -> Vec<u8> {
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + window;
+        while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline, self.output.recv()).await {
+            seen.extend(chunk);
+        }
+        seen
+    }
+
     /// Types `key` and waits until the terminal has echoed it; returns how long that took.
     pub async fn echo(&mut self, key: u8) -> anyhow::Result<Duration> {
         let started = Instant::now();
-        self.input.write_all(&[key]).await?;
-        self.input.flush().await?;
+        self.send(&[key]).await?;
         loop {
             let chunk = tokio::time::timeout(Duration::from_secs(10), self.output.recv())
                 .await

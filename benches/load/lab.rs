@@ -173,6 +173,11 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // The daemons first: their sessions' teardowns must not race the container's removal.
+        for daemon in [&mut self.benchgate, &mut self.sshd] {
+            let _ = daemon.process.kill();
+            let _ = daemon.process.wait();
+        }
         let _ = Command::new("docker")
             .args(["rm", "-f", &self.container])
             .output();

@@ -69,7 +69,8 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let figures = runtime.block_on(measure(&plan))?;
+    let lab = runtime.block_on(Lab::new());
+    let figures = runtime.block_on(measure(&lab, &plan))?;
     let table = report::table(&figures);
     println!("\n{table}");
     let dir = lab::results_dir();
@@ -80,11 +81,12 @@ fn main() -> anyhow::Result<()> {
         serde_json::to_string_pretty(&report::json(&figures))?,
     )?;
     println!("written: {}/results.{{md,json}}", dir.display());
+    eprintln!("load: removing the lab");
+    drop(lab);
     Ok(())
 }
 
-async fn measure(plan: &Plan) -> anyhow::Result<Vec<Figure>> {
-    let lab = Lab::new().await;
+async fn measure(lab: &Lab, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
     let ssh = |addr, user: &str| {
         Target::Ssh(Arc::new(Ssh::new(
             addr,

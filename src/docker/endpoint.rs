@@ -47,7 +47,14 @@ pub struct Endpoint {
     api: RwLock<Option<Docker>>,
     dial: Dial,
     timeout: Duration,
+    /// Teardown execs in flight; see [`MAX_TEARDOWNS`].
+    pub teardowns: tokio::sync::Semaphore,
 }
+
+/// Teardown execs one engine runs at once. A burst of disconnects (a load balancer restart,
+/// hundreds of sessions closed together) otherwise becomes hundreds of concurrent execs into
+/// one container, which wedged Docker 20.10's exec path for good in the load harness.
+const MAX_TEARDOWNS: usize = 4;
 
 /// Longest HTTP response head accepted when attaching to an exec.
 const MAX_RESPONSE_HEAD_BYTES: usize = 16 * 1024;
@@ -105,6 +112,7 @@ impl Endpoint {
             api: RwLock::new(None),
             dial,
             timeout,
+            teardowns: tokio::sync::Semaphore::new(MAX_TEARDOWNS),
         })
     }
 

@@ -14,8 +14,6 @@ use super::Error;
 
 /// Environment variable whose value marks every process of one session.
 pub const MARKER_VAR: &str = "BENCHGATE_SESSION";
-/// How long teardown waits after SIGTERM before SIGKILL.
-const TERM_GRACE_TENTHS: u32 = 20;
 /// How long to wait for Docker to report an exit code after the output ended.
 const EXIT_CODE_WAIT: Duration = Duration::from_secs(5);
 
@@ -60,7 +58,13 @@ impl Exec {
                 .tty
                 .map(|(cols, rows)| vec![rows as usize, cols as usize]),
             env: Some(spec.env.clone()),
-            cmd: Some(spec.cmd.clone()),
+            cmd: Some(
+                ["sh", "-c", &session_script(), "benchgate-session"]
+                    .into_iter()
+                    .map(String::from)
+                    .chain(spec.cmd.iter().cloned())
+                    .collect(),
+            ),
             user: Some(spec.user.clone()),
             working_dir: Some(spec.workdir.clone()),
             ..Default::default()
@@ -125,6 +129,7 @@ pub async fn resize(endpoint: &Endpoint, id: &str, cols: u32, rows: u32) -> Resu
 /// The exit code of exec `id`, polled until Docker says it is no longer running (bounded).
 pub async fn exit_code(endpoint: &Endpoint, id: &str) -> Result<Option<i64>, Error> {
     let deadline = tokio::time::Instant::now() + EXIT_CODE_WAIT;
+    let mut pause = Duration::from_millis(1);
     loop {
         let inspect = endpoint
             .bounded("exec_inspect", endpoint.api()?.inspect_exec(id))
@@ -135,7 +140,9 @@ pub async fn exit_code(endpoint: &Endpoint, id: &str) -> Result<Option<i64>, Err
         if tokio::time::Instant::now() >= deadline {
             return Ok(None);
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The engine usually catches up within a millisecond or two.
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
 
@@ -154,30 +161,64 @@ pub async fn container_state(endpoint: &Endpoint, container: &str) -> Result<Str
         .unwrap_or_default())
 }
 
-/// Ends every process in `container` whose environment holds `MARKER_VAR=marker`: SIGTERM,
-/// up to two seconds' grace, then SIGKILL. Runs through a separate exec as the session's
-/// `user` (root in a container lacks CAP_SYS_PTRACE and cannot read other users'
-/// `/proc/*/environ`), so it works for remote engines too; needs only a POSIX `sh` with `tr`
-/// and `grep` in the image.
+/// Ends every process whose environment holds `MARKER_VAR=$1`: SIGTERM, up to two seconds'
+/// grace, then SIGKILL. One `grep -z` over `/proc/*/environ` where grep has it, else a `tr`
+/// and a `grep` per process. Run as the session's user: root in a container lacks
+/// CAP_SYS_PTRACE and cannot read other users' environments. No single quotes, so that
+/// [`session_script`] can carry it.
+const END_SCRIPT: &str = r#"m="BENCHGATE_SESSION=$1"
+if printf "x\0" | grep -qzx x 2>/dev/null; then
+pids() { for f in $(grep -lzxF "$m" /proc/[0-9]*/environ 2>/dev/null); do p=${f#/proc/}; p=${p%/environ}; [ "$p" = "$$" ] || echo "$p"; done; }
+else
+pids() { for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" = "$$" ] && continue; tr "\0" "\n" < "$d/environ" 2>/dev/null | grep -qxF "$m" && echo "$p"; done; }
+fi
+p=$(pids); [ -z "$p" ] && exit 0
+kill -TERM $p 2>/dev/null
+i=0; while [ $i -lt 20 ]; do sleep 0.1 2>/dev/null || sleep 1; p=$(pids); [ -z "$p" ] && exit 0; i=$((i+1)); done
+kill -KILL $p 2>/dev/null; exit 0"#;
+
+/// Runs the session's command (its arguments), then ends whatever the command left behind
+/// (background jobs) in a process of its own, without the marker and with its output closed
+/// so the stream ends at once, and exits with the command's status. Terminal signals are
+/// caught (not ignored, so the command gets them as usual) to make sure the cleanup runs; the
+/// cleanup ignores the SIGHUP the terminal sends when this wrapper, its session leader, exits.
+/// This spares the Docker engine a second exec after every session that ends normally; a
+/// session ended any other way is ended by [`terminate`].
+fn session_script() -> String {
+    format!(
+        r#"e='{END_SCRIPT}'
+trap : INT QUIT
+"$@"
+s=$?
+trap "" HUP
+m=${MARKER_VAR}
+unset {MARKER_VAR}
+sh -c "$e" benchgate-end "$m" </dev/null >/dev/null 2>&1 &
+exit $s"#
+    )
+}
+
+/// Whether an exit code says the session's own cleanup ran: the wrapper exited normally.
+pub fn cleaned_up_after(exit_code: u32) -> bool {
+    exit_code < 128
+}
+
+/// Ends every process in `container` whose environment holds `MARKER_VAR=marker` (see
+/// [`END_SCRIPT`]), through a separate exec as the session's `user`, so it works for remote
+/// engines too; needs only a POSIX `sh` with `grep` in the image.
 pub async fn terminate(
     endpoint: &Endpoint,
     container: &str,
     user: &str,
     marker: &str,
 ) -> Result<(), Error> {
-    let script = format!(
-        r#"m="{MARKER_VAR}=$1"
-pids() {{ for d in /proc/[0-9]*; do p=${{d#/proc/}}; [ "$p" = "$$" ] && continue; tr '\0' '\n' < "$d/environ" 2>/dev/null | grep -qxF "$m" && echo "$p"; done; }}
-p=$(pids); [ -z "$p" ] && exit 0
-kill -TERM $p 2>/dev/null
-i=0; while [ $i -lt {TERM_GRACE_TENTHS} ]; do sleep 0.1 2>/dev/null || sleep 1; p=$(pids); [ -z "$p" ] && exit 0; i=$((i+1)); done
-kill -KILL $p 2>/dev/null; exit 0"#
-    );
+    // Never closed, so acquiring only waits.
+    let _permit = endpoint.teardowns.acquire().await;
     let config = ExecConfig {
         cmd: Some(vec![
             "sh".into(),
             "-c".into(),
-            script,
+            END_SCRIPT.into(),
             "benchgate-teardown".into(),
             marker.into(),
         ]),
@@ -237,6 +278,16 @@ pub async fn demux(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_session_script_carries_the_end_script_whole() {
+        assert!(END_SCRIPT.contains(&format!("\"{MARKER_VAR}=$1\"")));
+        assert!(
+            !END_SCRIPT.contains('\''),
+            "single quotes would end e='...'"
+        );
+        assert!(session_script().contains(END_SCRIPT));
+    }
 
     fn frame(stream: u8, data: &[u8]) -> Vec<u8> {
         let mut out = vec![stream, 0, 0, 0];

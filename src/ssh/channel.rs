@@ -260,6 +260,7 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
             },
         }
     };
+    let cleaned_up = outcome.parse().is_ok_and(exec::cleaned_up_after);
     let label = match outcome.as_str() {
         "0" => "ok",
         "client_closed" => "client_closed",
@@ -278,8 +279,10 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
             .duration_ms(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)),
     );
     // Whatever the session left running (background jobs, a process the client abandoned)
-    // ends with it.
-    teardown(&shared, endpoint, bench.container, spec.user, marker);
+    // ends with it. A command that exited normally had its wrapper do that already.
+    if !cleaned_up {
+        teardown(&shared, endpoint, bench.container, spec.user, marker);
+    }
 }
 
 /// The exit status to report once the output has ended; tells the user when the container
