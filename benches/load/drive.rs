@@ -267,8 +267,22 @@ impl Terminal {
         }
     }
 
-    /// Waits until the terminal answers at all (a prompt or an echo).
-    pub async fn ready(&mut self) -> anyhow::Result<()> {
-        self.echo(b'\r').await.map(|_| ())
+    /// Waits until the container's output shows `needle`: the container side is attached (an
+    /// OpenSSH bastion's own terminal echoes keys itself until `docker exec` makes it raw).
+    pub async fn wait_for(&mut self, needle: &[u8]) -> anyhow::Result<()> {
+        let mut seen = Vec::new();
+        while !seen.windows(needle.len()).any(|w| w == needle) {
+            let chunk = tokio::time::timeout(Duration::from_secs(10), self.output.recv())
+                .await
+                .with_context(|| {
+                    format!(
+                        "{:?} not shown within 10 s",
+                        String::from_utf8_lossy(needle)
+                    )
+                })?
+                .context("terminal closed")?;
+            seen.extend(chunk);
+        }
+        Ok(())
     }
 }

@@ -194,8 +194,8 @@ async fn measure(lab: &Lab, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
     for _ in 0..plan.rounds {
         for (who, target) in &targets {
             settle().await;
-            let mut terminal = target.terminal(Some("exec cat")).await?;
-            terminal.ready().await?;
+            let mut terminal = target.terminal(Some("echo ready; exec cat")).await?;
+            terminal.wait_for(b"ready").await?;
             for _ in 0..20 {
                 terminal.echo(b'w').await?;
             }
@@ -235,7 +235,7 @@ async fn measure(lab: &Lab, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
             let (target, kept) = (target.clone(), kept.clone());
             async move {
                 let mut terminal = target.terminal(None).await?;
-                terminal.ready().await?;
+                terminal.wait_for(b"$ ").await?;
                 kept.lock().unwrap().push(terminal);
                 Ok(())
             }
@@ -262,16 +262,28 @@ async fn measure(lab: &Lab, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
     Ok(figures)
 }
 
-/// A target runs commands: output, exit status, a terminal.
+/// A target runs commands (output, exit status) and terminals whose echo comes from the
+/// container: with echo off there, a key shows up only when `cat` prints its line (a bastion
+/// that echoed keys itself would make the echo figure meaningless).
 async fn check(target: &Target) -> anyhow::Result<()> {
     let (status, bytes) = target.run("head -c 1000 /dev/zero; exit 7").await?;
     ensure!(
         status == 7 && bytes == 1000,
         "got status {status} after {bytes} bytes"
     );
-    let mut terminal = target.terminal(Some("exec cat")).await?;
-    terminal.ready().await?;
-    terminal.echo(b'x').await?;
+    let mut terminal = target
+        .terminal(Some("stty -echo; echo ready; exec cat"))
+        .await?;
+    terminal.wait_for(b"ready").await?;
+    terminal.send(b"q").await?;
+    let early = terminal.collect(Duration::from_millis(300)).await;
+    ensure!(
+        !early.contains(&b'q'),
+        "a key was echoed with the container's echo off"
+    );
+    terminal.send(b"\r").await?;
+    let line = terminal.collect(Duration::from_millis(500)).await;
+    ensure!(line.contains(&b'q'), "cat never printed the line: {line:?}");
     Ok(())
 }
 
