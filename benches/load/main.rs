@@ -29,6 +29,17 @@ struct Plan {
     keys: usize,
     idle: usize,
     idle_sshd: usize,
+    /// One group of figures only (for profiling), from [`GROUPS`].
+    only: Option<String>,
+}
+
+/// The groups of figures, in the order they are measured.
+const GROUPS: [&str; 5] = ["handshakes", "sessions", "throughput", "echo", "idle"];
+
+impl Plan {
+    fn wants(&self, group: &str) -> bool {
+        self.only.as_deref().is_none_or(|only| only == group)
+    }
 }
 
 impl Plan {
@@ -41,6 +52,7 @@ impl Plan {
             keys: 1000,
             idle: 500,
             idle_sshd: 100,
+            only: None,
         }
     }
 
@@ -53,17 +65,26 @@ impl Plan {
             keys: 10,
             idle: 4,
             idle_sshd: 4,
+            only: None,
         }
     }
 }
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let plan = if args.iter().any(|a| a == "--smoke") {
+    let mut plan = if args.iter().any(|a| a == "--smoke") {
         Plan::smoke()
     } else {
         Plan::full()
     };
+    if let Some(at) = args.iter().position(|a| a == "--only") {
+        let group = args.get(at + 1).context("--only needs a group")?;
+        ensure!(
+            GROUPS.contains(&group.as_str()),
+            "--only takes one of {GROUPS:?}"
+        );
+        plan.only = Some(group.clone());
+    }
     // The tests' and CI's working directory is the package root; so is cargo bench's.
     std::env::set_current_dir(env!("CARGO_MANIFEST_DIR"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -116,7 +137,29 @@ async fn measure(lab: &Lab, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
         })?;
     }
     eprintln!("load: every target runs commands with exit status and output; measuring");
+    let mut figures = Vec::new();
+    if plan.wants("handshakes") {
+        figures.extend(handshakes(&targets, plan).await?);
+    }
+    if plan.wants("sessions") {
+        figures.extend(sessions(&targets, plan).await?);
+    }
+    if plan.wants("throughput") {
+        figures.push(throughput(&targets, plan).await?);
+    }
+    if plan.wants("echo") {
+        figures.push(echo(&targets, plan).await?);
+    }
+    if plan.wants("idle") {
+        figures.push(idle(lab, &targets, plan).await?);
+    }
+    Ok(figures)
+}
 
+type Targets = [(Who, Target); 3];
+
+/// Logins and logouts per second, no session.
+async fn handshakes(targets: &Targets, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
     let mut figures = Vec::new();
     for concurrency in [1, 16] {
         let total = plan.handshakes * concurrency.min(2);
@@ -137,6 +180,12 @@ async fn measure(lab: &Lab, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
         }
         figures.push(rates);
     }
+    Ok(figures)
+}
+
+/// Whole sessions (login, `exec true`, exit status) per second, and their latency.
+async fn sessions(targets: &Targets, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
+    let mut figures = Vec::new();
     for concurrency in [1, 16] {
         let total = plan.sessions * concurrency.min(2);
         let mut rates =
@@ -147,7 +196,7 @@ async fn measure(lab: &Lab, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
             latency = latency.goal(Goal::WithinFloorMs(2.0));
         }
         for _ in 0..plan.rounds {
-            for (who, target) in &targets {
+            for (who, target) in targets {
                 settle().await;
                 let target = target.clone();
                 let batch = load(total, concurrency, move || {
@@ -166,14 +215,18 @@ async fn measure(lab: &Lab, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
         figures.push(rates);
         figures.push(latency);
     }
+    Ok(figures)
+}
 
+/// `head -c` of `plan.bulk_bytes` from the container to the client, MB/s.
+async fn throughput(targets: &Targets, plan: &Plan) -> anyhow::Result<Figure> {
     let mut throughput = Figure::median(format!(
         "throughput, {} MiB from head -c, MB/s",
         plan.bulk_bytes >> 20
     ))
     .goal(Goal::ShareOfFloorAndSshd(0.9));
     for _ in 0..plan.rounds {
-        for (who, target) in &targets {
+        for (who, target) in targets {
             settle().await;
             let started = Instant::now();
             let (status, bytes) = target
@@ -187,12 +240,15 @@ async fn measure(lab: &Lab, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
             throughput.add(*who, bytes as f64 / elapsed.as_secs_f64() / 1e6);
         }
     }
-    figures.push(throughput);
+    Ok(throughput)
+}
 
+/// A key typed into `cat` in a terminal, until its echo is back.
+async fn echo(targets: &Targets, plan: &Plan) -> anyhow::Result<Figure> {
     let mut echo = Figure::latency(format!("PTY echo latency, {} keys", plan.keys))
         .goal(Goal::WithinFloorMs(0.3));
     for _ in 0..plan.rounds {
-        for (who, target) in &targets {
+        for (who, target) in targets {
             settle().await;
             let mut terminal = target.terminal(Some("echo ready; exec cat")).await?;
             terminal.wait_for(b"ready").await?;
@@ -206,8 +262,11 @@ async fn measure(lab: &Lab, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
             echo.add_samples(*who, &samples);
         }
     }
-    figures.push(echo);
+    Ok(echo)
+}
 
+/// What each idle terminal session costs the bastion in memory.
+async fn idle(lab: &Lab, targets: &Targets, plan: &Plan) -> anyhow::Result<Figure> {
     let mut idle = Figure::median(format!(
         "memory per idle PTY session, KiB ({} benchgate, {} sshd sessions)",
         plan.idle, plan.idle_sshd
@@ -258,8 +317,7 @@ async fn measure(lab: &Lab, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
         idle.add(who, per_session);
         drop(opened);
     }
-    figures.push(idle);
-    Ok(figures)
+    Ok(idle)
 }
 
 /// A target runs commands (output, exit status) and terminals whose echo comes from the

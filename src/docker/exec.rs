@@ -7,7 +7,10 @@ use std::time::Duration;
 use bollard::models::ExecConfig;
 use bollard::query_parameters::ResizeExecOptions;
 use serde_json::json;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf,
+    WriteHalf,
+};
 
 use super::endpoint::{Endpoint, Io};
 use super::Error;
@@ -58,13 +61,7 @@ impl Exec {
                 .tty
                 .map(|(cols, rows)| vec![rows as usize, cols as usize]),
             env: Some(spec.env.clone()),
-            cmd: Some(
-                ["sh", "-c", &session_script(), "benchgate-session"]
-                    .into_iter()
-                    .map(String::from)
-                    .chain(spec.cmd.iter().cloned())
-                    .collect(),
-            ),
+            cmd: Some(spec.cmd.clone()),
             user: Some(spec.user.clone()),
             working_dir: Some(spec.workdir.clone()),
             ..Default::default()
@@ -165,7 +162,7 @@ pub async fn container_state(endpoint: &Endpoint, container: &str) -> Result<Str
 /// grace, then SIGKILL. One `grep -z` over `/proc/*/environ` where grep has it, else a `tr`
 /// and a `grep` per process. Run as the session's user: root in a container lacks
 /// CAP_SYS_PTRACE and cannot read other users' environments. No single quotes, so that
-/// [`session_script`] can carry it.
+/// [`cleaning_up_after`] can carry it.
 const END_SCRIPT: &str = r#"m="BENCHGATE_SESSION=$1"
 if printf "x\0" | grep -qzx x 2>/dev/null; then
 pids() { for f in $(grep -lzxF "$m" /proc/[0-9]*/environ 2>/dev/null); do p=${f#/proc/}; p=${p%/environ}; [ "$p" = "$$" ] || echo "$p"; done; }
@@ -177,15 +174,14 @@ kill -TERM $p 2>/dev/null
 i=0; while [ $i -lt 20 ]; do sleep 0.1 2>/dev/null || sleep 1; p=$(pids); [ -z "$p" ] && exit 0; i=$((i+1)); done
 kill -KILL $p 2>/dev/null; exit 0"#;
 
-/// Runs the session's command (its arguments), then ends whatever the command left behind
-/// (background jobs) in a process of its own, without the marker and with its output closed
-/// so the stream ends at once, and exits with the command's status. Terminal signals are
-/// caught (not ignored, so the command gets them as usual) to make sure the cleanup runs; the
-/// cleanup ignores the SIGHUP the terminal sends when this wrapper, its session leader, exits.
-/// This spares the Docker engine a second exec after every session that ends normally; a
-/// session ended any other way is ended by [`terminate`].
-fn session_script() -> String {
-    format!(
+/// `cmd` run under a wrapper that, once `cmd` exits, ends whatever it left behind (background
+/// jobs) in a process of its own — without the marker, with its output closed so the stream
+/// ends at once — and exits with `cmd`'s status. Terminal signals are caught (not ignored, so
+/// `cmd` gets them as usual) so that the cleanup still runs; the cleanup ignores the SIGHUP
+/// the terminal sends when the wrapper, its session leader, exits. This spares the engine a
+/// second exec after every session that ends normally; any other end needs [`terminate`].
+pub fn cleaning_up_after(cmd: Vec<String>) -> Vec<String> {
+    let script = format!(
         r#"e='{END_SCRIPT}'
 trap : INT QUIT
 "$@"
@@ -195,10 +191,16 @@ m=${MARKER_VAR}
 unset {MARKER_VAR}
 sh -c "$e" benchgate-end "$m" </dev/null >/dev/null 2>&1 &
 exit $s"#
-    )
+    );
+    ["sh", "-c", &script, "benchgate-session"]
+        .into_iter()
+        .map(String::from)
+        .chain(cmd)
+        .collect()
 }
 
-/// Whether an exit code says the session's own cleanup ran: the wrapper exited normally.
+/// Whether an exit code says the cleanup of [`cleaning_up_after`] ran: the wrapper exited
+/// normally.
 pub fn cleaned_up_after(exit_code: u32) -> bool {
     exit_code < 128
 }
@@ -243,36 +245,83 @@ pub async fn terminate(
     Ok(())
 }
 
+/// Largest write to the client: one SSH data packet of the usual 32 KiB maximum.
+pub const CHUNK_BYTES: usize = 32 * 1024;
+
 /// Copies Docker's multiplexed stream (8-byte frame headers: stream, 0, 0, 0, u32 length)
-/// to `stdout` and `stderr`, returning the bytes copied.
+/// to `stdout` and `stderr`, returning the payload bytes copied. Reads are buffered and
+/// consecutive frames of one stream are joined into writes of up to [`CHUNK_BYTES`] (the
+/// engine often frames 4-20 KiB at a time, and every write becomes an SSH packet); what is
+/// gathered is written out before waiting for more input, so nothing is held back.
 pub async fn demux(
-    mut input: impl AsyncRead + Unpin,
+    input: impl AsyncRead + Unpin,
     mut stdout: impl AsyncWrite + Unpin,
     mut stderr: impl AsyncWrite + Unpin,
 ) -> std::io::Result<u64> {
-    let mut header = [0u8; 8];
-    let mut buf = vec![0u8; 32 * 1024];
+    let mut input = BufReader::with_capacity(2 * CHUNK_BYTES, input);
+    let (mut header, mut header_len) = ([0u8; 8], 0usize);
+    let (mut stream, mut left) = (1u8, 0usize);
+    let mut gathered: Vec<u8> = Vec::with_capacity(CHUNK_BYTES);
     let mut total = 0u64;
     loop {
-        match input.read_exact(&mut header).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(total),
-            Err(e) => return Err(e),
+        if input.buffer().is_empty() && !gathered.is_empty() {
+            write_out(&mut gathered, stream, &mut stdout, &mut stderr).await?;
         }
-        let mut left = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
-        while left > 0 {
-            let want = left.min(buf.len());
-            input.read_exact(&mut buf[..want]).await?;
-            match header[0] {
-                2 => stderr.write_all(&buf[..want]).await?,
-                _ => stdout.write_all(&buf[..want]).await?,
+        let available = input.fill_buf().await?;
+        if available.is_empty() {
+            write_out(&mut gathered, stream, &mut stdout, &mut stderr).await?;
+            if header_len > 0 || left > 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
-            left -= want;
-            total += want as u64;
+            return Ok(total);
         }
-        stdout.flush().await?;
-        stderr.flush().await?;
+        let used = if left == 0 {
+            let n = (8 - header_len).min(available.len());
+            header[header_len..header_len + n].copy_from_slice(&available[..n]);
+            header_len += n;
+            if header_len == 8 {
+                header_len = 0;
+                left = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
+                let next = if header[0] == 2 { 2 } else { 1 };
+                if next != stream {
+                    write_out(&mut gathered, stream, &mut stdout, &mut stderr).await?;
+                    stream = next;
+                }
+            }
+            n
+        } else {
+            let n = left.min(available.len()).min(CHUNK_BYTES - gathered.len());
+            gathered.extend_from_slice(&available[..n]);
+            left -= n;
+            total += n as u64;
+            n
+        };
+        input.consume(used);
+        if gathered.len() == CHUNK_BYTES {
+            write_out(&mut gathered, stream, &mut stdout, &mut stderr).await?;
+        }
     }
+}
+
+/// Writes and flushes what `demux` gathered of `stream`, and empties it.
+async fn write_out(
+    gathered: &mut Vec<u8>,
+    stream: u8,
+    stdout: &mut (impl AsyncWrite + Unpin),
+    stderr: &mut (impl AsyncWrite + Unpin),
+) -> std::io::Result<()> {
+    if gathered.is_empty() {
+        return Ok(());
+    }
+    if stream == 2 {
+        stderr.write_all(gathered).await?;
+        stderr.flush().await?;
+    } else {
+        stdout.write_all(gathered).await?;
+        stdout.flush().await?;
+    }
+    gathered.clear();
+    Ok(())
 }
 
 #[cfg(test)]
@@ -286,7 +335,9 @@ mod tests {
             !END_SCRIPT.contains('\''),
             "single quotes would end e='...'"
         );
-        assert!(session_script().contains(END_SCRIPT));
+        let wrapped = cleaning_up_after(vec!["true".into()]);
+        assert!(wrapped[2].contains(END_SCRIPT));
+        assert_eq!(wrapped.last().map(String::as_str), Some("true"));
     }
 
     fn frame(stream: u8, data: &[u8]) -> Vec<u8> {
@@ -307,6 +358,59 @@ mod tests {
         assert_eq!(out, payload);
         assert_eq!(err, b"\x00\x01\x02err");
         assert_eq!(total, 70_006);
+    }
+
+    #[tokio::test]
+    async fn demux_joins_small_frames_into_chunks_and_keeps_streams_apart() {
+        let mut input = Vec::new();
+        for i in 0..20u8 {
+            input.extend(frame(1, &[i; 4096]));
+        }
+        input.extend(frame(2, b"late"));
+        input.extend(frame(1, b"tail"));
+        // A writer that records each write it gets.
+        let (mut writes, mut err) = (Vec::<Vec<u8>>::new(), Vec::new());
+        struct Writes<'a>(&'a mut Vec<Vec<u8>>);
+        impl AsyncWrite for Writes<'_> {
+            fn poll_write(
+                mut self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                self.0.push(buf.to_vec());
+                std::task::Poll::Ready(Ok(buf.len()))
+            }
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+        }
+        let total = demux(&input[..], Writes(&mut writes), &mut err)
+            .await
+            .unwrap();
+        assert_eq!(total, 20 * 4096 + 8);
+        assert_eq!(err, b"late");
+        // 21 frames on stdout, written in a few writes of at most one chunk (the buffer runs
+        // dry every 64 KiB, which flushes what was gathered).
+        let sizes: Vec<usize> = writes.iter().map(Vec::len).collect();
+        assert!(sizes.len() <= 5, "{sizes:?}");
+        assert!(sizes.iter().all(|n| *n <= CHUNK_BYTES), "{sizes:?}");
+        assert_eq!(sizes[0], CHUNK_BYTES);
+        let joined: Vec<u8> = writes.concat();
+        assert_eq!(&joined[..20 * 4096], &input_payload()[..]);
+        assert_eq!(&joined[20 * 4096..], b"tail");
+
+        fn input_payload() -> Vec<u8> {
+            (0..20u8).flat_map(|i| [i; 4096]).collect()
+        }
     }
 
     #[tokio::test]

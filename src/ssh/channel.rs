@@ -387,11 +387,14 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Teed<W> {
     }
 }
 
+/// Copies terminal output as it comes, in reads of up to one SSH packet (tokio's `copy`
+/// reads 8 KiB at a time, four packets where one would do).
 async fn copy_flushed(
-    mut from: impl tokio::io::AsyncRead + Unpin,
+    from: impl tokio::io::AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
 ) -> std::io::Result<u64> {
-    let copied = tokio::io::copy(&mut from, &mut to).await?;
+    let mut from = tokio::io::BufReader::with_capacity(exec::CHUNK_BYTES, from);
+    let copied = tokio::io::copy_buf(&mut from, &mut to).await?;
     to.flush().await?;
     Ok(copied)
 }
@@ -444,7 +447,7 @@ fn spec(shared: &Shared, request: &Request, bench: &Bench, marker: &str) -> Spec
     env.push(format!("BENCHGATE_BENCH={}", request.grant.bench));
     env.push(format!("{MARKER_VAR}={marker}"));
     Spec {
-        cmd,
+        cmd: exec::cleaning_up_after(cmd),
         user: bench.user.clone().unwrap_or_else(|| session.user.clone()),
         workdir: bench
             .workdir
