@@ -158,6 +158,16 @@ async fn measure(lab: &Lab, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
 
 type Targets = [(Who, Target); 3];
 
+/// The targets, starting with a different one each round, so that none is always measured
+/// right after another's leftovers or always last in a drifting engine.
+fn in_turn(targets: &Targets, round: usize) -> impl Iterator<Item = &(Who, Target)> {
+    targets
+        .iter()
+        .cycle()
+        .skip(round % targets.len())
+        .take(targets.len())
+}
+
 /// Logins and logouts per second, no session.
 async fn handshakes(targets: &Targets, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
     let mut figures = Vec::new();
@@ -166,8 +176,8 @@ async fn handshakes(targets: &Targets, plan: &Plan) -> anyhow::Result<Vec<Figure
         let mut rates =
             Figure::median(format!("auth-only handshakes/s, concurrency {concurrency}"))
                 .goal(Goal::TimesSshd(3.0));
-        for _ in 0..plan.rounds {
-            for (who, target) in targets.iter().filter(|(w, _)| *w != Who::Floor) {
+        for round in 0..plan.rounds {
+            for (who, target) in in_turn(targets, round).filter(|(w, _)| *w != Who::Floor) {
                 settle().await;
                 let target = target.clone();
                 let batch = load(total, concurrency, move || {
@@ -195,8 +205,8 @@ async fn sessions(targets: &Targets, plan: &Plan) -> anyhow::Result<Vec<Figure>>
             rates = rates.goal(Goal::TimesSshd(3.0));
             latency = latency.goal(Goal::WithinFloorMs(2.0));
         }
-        for _ in 0..plan.rounds {
-            for (who, target) in targets {
+        for round in 0..plan.rounds {
+            for (who, target) in in_turn(targets, round) {
                 settle().await;
                 let target = target.clone();
                 let batch = load(total, concurrency, move || {
@@ -225,8 +235,8 @@ async fn throughput(targets: &Targets, plan: &Plan) -> anyhow::Result<Figure> {
         plan.bulk_bytes >> 20
     ))
     .goal(Goal::ShareOfFloorAndSshd(0.9));
-    for _ in 0..plan.rounds {
-        for (who, target) in targets {
+    for round in 0..plan.rounds {
+        for (who, target) in in_turn(targets, round) {
             settle().await;
             let started = Instant::now();
             let (status, bytes) = target
@@ -247,8 +257,8 @@ async fn throughput(targets: &Targets, plan: &Plan) -> anyhow::Result<Figure> {
 async fn echo(targets: &Targets, plan: &Plan) -> anyhow::Result<Figure> {
     let mut echo = Figure::latency(format!("PTY echo latency, {} keys", plan.keys))
         .goal(Goal::WithinFloorMs(0.3));
-    for _ in 0..plan.rounds {
-        for (who, target) in targets {
+    for round in 0..plan.rounds {
+        for (who, target) in in_turn(targets, round) {
             settle().await;
             let mut terminal = target.terminal(Some("echo ready; exec cat")).await?;
             terminal.wait_for(b"ready").await?;

@@ -164,7 +164,8 @@ pub async fn container_state(endpoint: &Endpoint, container: &str) -> Result<Str
 /// CAP_SYS_PTRACE and cannot read other users' environments. No single quotes, so that
 /// [`cleaning_up_after`] can carry it.
 const END_SCRIPT: &str = r#"m="BENCHGATE_SESSION=$1"
-if printf "x\0" | grep -qzx x 2>/dev/null; then
+grep -qz x /dev/null 2>/dev/null
+if [ $? -eq 1 ]; then
 pids() { for f in $(grep -lzxF "$m" /proc/[0-9]*/environ 2>/dev/null); do p=${f#/proc/}; p=${p%/environ}; [ "$p" = "$$" ] || echo "$p"; done; }
 else
 pids() { for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" = "$$" ] && continue; tr "\0" "\n" < "$d/environ" 2>/dev/null | grep -qxF "$m" && echo "$p"; done; }
