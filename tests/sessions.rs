@@ -289,6 +289,35 @@ async fn background_jobs_of_a_finished_command_end() {
     bench.wait_gone("sleep 556").await;
 }
 
+/// In the host's PID namespace orphans do not go to the container's init, so the wrapper
+/// cannot tell that nothing was left behind: it always looks by marker.
+#[tokio::test(flavor = "multi_thread")]
+async fn background_jobs_end_in_a_container_sharing_the_host_pids() {
+    let bench = Container::start_with(&["--pid=host"], &[]);
+    let bastion = Bastion::start(|_, _| {}).await;
+    let key = bastion.user_with_cert("user", "ca", &["-n", &bench.bench, "-V", VALID]);
+    bastion.wait_for_bench(&bench.bench).await;
+    let command = "sleep 557 >/dev/null 2>&1 & echo started";
+    let run = bastion.exec(&bench.bench, &key, &[], command, b"").await;
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let gone = || {
+        !String::from_utf8_lossy(&run_host_ps().stdout)
+            .lines()
+            .any(|l| l.contains("sleep 557"))
+    };
+    for _ in 0..50 {
+        if gone() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("sleep 557 still running 5 s later");
+}
+
+fn run_host_ps() -> std::process::Output {
+    run("ps", &["-eo", "stat,args"])
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_client_leaves_nothing_running() {
     let (bastion, bench, key) = setup(&[], &[]).await;

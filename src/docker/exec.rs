@@ -176,11 +176,17 @@ i=0; while [ $i -lt 20 ]; do sleep 0.1 2>/dev/null || sleep 1; p=$(pids); [ -z "
 kill -KILL $p 2>/dev/null; exit 0"#;
 
 /// `cmd` run under a wrapper that, once `cmd` exits, ends whatever it left behind (background
-/// jobs) in a process of its own — without the marker, with its output closed so the stream
-/// ends at once — and exits with `cmd`'s status. Terminal signals are caught (not ignored, so
-/// `cmd` gets them as usual) so that the cleanup still runs; the cleanup ignores the SIGHUP
-/// the terminal sends when the wrapper, its session leader, exits. This spares the engine a
-/// second exec after every session that ends normally; any other end needs [`terminate`].
+/// jobs) and exits with `cmd`'s status. This spares the engine a second exec after every
+/// session that ends normally; any other end needs [`terminate`].
+///
+/// Anything left behind is an orphan: a process whose parent is the container's init (PID 1),
+/// started after the wrapper. The wrapper first looks for such processes with shell builtins
+/// only (no process is started, no environment is read), which is the whole cost when there
+/// are none; otherwise, or when the container shares the host's PID namespace (the wrapper's
+/// parent is then visible, and orphans may go elsewhere), it starts [`END_SCRIPT`] in the
+/// background — without the marker, with its output closed so the stream ends at once,
+/// ignoring the SIGHUP the terminal sends when the wrapper, its session leader, exits.
+/// Terminal signals are caught (not ignored, so `cmd` gets them as usual) so that this runs.
 pub fn cleaning_up_after(cmd: Vec<String>) -> Vec<String> {
     let script = format!(
         r#"e='{END_SCRIPT}'
@@ -190,6 +196,18 @@ s=$?
 trap "" HUP
 m=${MARKER_VAR}
 unset {MARKER_VAR}
+{{ read -r l < /proc/self/stat; }} 2>/dev/null
+set -- ${{l##*") "}}
+t=${{20}}
+[ "$2" = 0 ] || t=
+for f in /proc/[0-9]*/stat; do
+[ -n "$t" ] || break
+{{ read -r l < "$f"; }} 2>/dev/null || continue
+set -- ${{l##*") "}}
+[ "$2" = 1 ] || continue
+[ "${{20}}" -lt "$t" ] 2>/dev/null || t=
+done
+[ -n "$t" ] && exit $s
 sh -c "$e" benchgate-end "$m" </dev/null >/dev/null 2>&1 &
 exit $s"#
     );

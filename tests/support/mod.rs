@@ -539,6 +539,11 @@ pub struct Container {
 impl Container {
     /// Starts a container labelled as bench `bench-<unique>`, plus `labels` ("k=v").
     pub fn start(labels: &[&str]) -> Self {
+        Self::start_with(&[], labels)
+    }
+
+    /// The same, with extra `docker run` options.
+    pub fn start_with(options: &[&str], labels: &[&str]) -> Self {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let unique = format!(
             "{}-{}-{:x}",
@@ -558,6 +563,7 @@ impl Container {
         for label in labels {
             args.extend(["--label".to_owned(), label.to_string()]);
         }
+        args.extend(options.iter().map(|o| o.to_string()));
         args.extend([
             bench_image().to_owned(),
             "sleep".to_owned(),
