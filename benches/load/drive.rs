@@ -101,33 +101,6 @@ fn spec(command: &str, tty: bool) -> Spec {
     }
 }
 
-/// Counts what is written to it.
-#[derive(Default)]
-struct Counter(u64);
-
-impl tokio::io::AsyncWrite for Counter {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.0 += buf.len() as u64;
-        std::task::Poll::Ready(Ok(buf.len()))
-    }
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-}
-
 impl Target {
     /// Logs in and out again; the floor has no login.
     pub async fn handshake(&self) -> anyhow::Result<()> {
@@ -140,7 +113,7 @@ impl Target {
         }
     }
 
-    /// Runs `command` without a terminal; returns its exit status and the stdout bytes seen.
+    /// Runs `command` without a terminal; returns its exit status and the output bytes seen.
     pub async fn run(&self, command: &str) -> anyhow::Result<(u32, u64)> {
         match self {
             Target::Ssh(ssh) => {
@@ -150,7 +123,9 @@ impl Target {
                 let (mut status, mut bytes) = (None, 0u64);
                 while let Some(message) = channel.wait().await {
                     match message {
-                        ChannelMsg::Data { data } => bytes += data.len() as u64,
+                        ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. } => {
+                            bytes += data.len() as u64
+                        }
                         ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
                         ChannelMsg::Failure => bail!("exec refused"),
                         ChannelMsg::Close => break,
@@ -167,12 +142,12 @@ impl Target {
                 let started =
                     Exec::start(endpoint.clone(), container, &spec(command, false)).await?;
                 let (endpoint, id) = started.id();
-                let mut stdout = Counter::default();
-                exec::demux(started.output, &mut stdout, tokio::io::sink()).await?;
+                let bytes =
+                    exec::demux(started.output, tokio::io::sink(), tokio::io::sink()).await?;
                 let code = exec::exit_code(&endpoint, &id)
                     .await?
                     .context("no exit code")?;
-                Ok((code as u32, stdout.0))
+                Ok((code as u32, bytes))
             }
         }
     }

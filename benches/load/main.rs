@@ -1,7 +1,7 @@
 //! Load harness: benchgate against OpenSSH `sshd` (the usual bastion: certificates, a forced
 //! `docker exec`) and the floor (the same exec straight through the Docker API), in one run
 //! on one machine. Prints a table with ratios and the targets of issue 6, and writes
-//! `target/load/results.{json,md}`.
+//! `target/load/results.{json,md,svg}`.
 //!
 //! `scripts/bench.sh` sets the machine up and runs it; `--smoke` makes every figure tiny (CI
 //! uses it to check that the harness still works, never how fast).
@@ -97,11 +97,12 @@ fn main() -> anyhow::Result<()> {
     let dir = lab::results_dir();
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("results.md"), &table)?;
+    std::fs::write(dir.join("results.svg"), report::chart(&figures))?;
     std::fs::write(
         dir.join("results.json"),
         serde_json::to_string_pretty(&report::json(&figures))?,
     )?;
-    println!("written: {}/results.{{md,json}}", dir.display());
+    println!("written: {}/results.{{md,json,svg}}", dir.display());
     eprintln!("load: removing the lab");
     drop(lab);
     Ok(())
@@ -281,6 +282,7 @@ async fn idle(lab: &Lab, targets: &Targets, plan: &Plan) -> anyhow::Result<Figur
         "memory per idle PTY session, KiB ({} benchgate, {} sshd sessions)",
         plan.idle, plan.idle_sshd
     ))
+    .lower_is_better()
     .goal(Goal::AtMost(128.0));
     for (who, target, pid, count) in [
         (

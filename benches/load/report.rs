@@ -53,6 +53,7 @@ impl Goal {
 pub struct Figure {
     name: String,
     latency: bool,
+    lower_is_better: bool,
     values: [Vec<f64>; 3],
     goal: Option<Goal>,
 }
@@ -60,6 +61,7 @@ pub struct Figure {
 /// One line of the table.
 pub struct Row {
     name: String,
+    lower_is_better: bool,
     values: [Option<f64>; 3],
     goal: Option<Goal>,
 }
@@ -69,6 +71,7 @@ impl Figure {
         Self {
             name,
             latency,
+            lower_is_better: latency,
             values: Default::default(),
             goal: None,
         }
@@ -82,6 +85,12 @@ impl Figure {
     /// Latencies: p50 and p99 of every sample.
     pub fn latency(name: String) -> Self {
         Self::new(name, true)
+    }
+
+    /// Marks a figure where less is better (latencies are).
+    pub fn lower_is_better(mut self) -> Self {
+        self.lower_is_better = true;
+        self
     }
 
     /// Holds benchgate's figure (the p50, for latencies) to `goal`.
@@ -116,11 +125,13 @@ impl Figure {
             vec![
                 Row {
                     name: format!("{} p50, ms", self.name),
+                    lower_is_better: true,
                     values: summary(0.5),
                     goal: self.goal,
                 },
                 Row {
                     name: format!("{} p99, ms", self.name),
+                    lower_is_better: true,
                     values: summary(0.99),
                     goal: None,
                 },
@@ -128,6 +139,7 @@ impl Figure {
         } else {
             vec![Row {
                 name: self.name.clone(),
+                lower_is_better: self.lower_is_better,
                 values: summary(0.5),
                 goal: self.goal,
             }]
@@ -210,4 +222,71 @@ pub fn json(figures: &[Figure]) -> Value {
         },
         "figures": rows,
     })
+}
+
+/// The table as a bar chart (SVG): one group per row, each target's bar scaled to the row's
+/// largest value, the value written at its end.
+pub fn chart(figures: &[Figure]) -> String {
+    const COLOURS: [(&str, &str); 3] = [
+        ("benchgate", "#1f77b4"),
+        ("sshd", "#9e9e9e"),
+        ("floor (Docker API)", "#2ca02c"),
+    ];
+    let (width, label_width, bar_height, group_gap) = (960.0, 20.0, 14.0, 26.0);
+    let span = width - label_width - 90.0;
+    let rows = figures.iter().flat_map(Figure::rows).collect::<Vec<_>>();
+    let mut body = String::new();
+    let mut y = 50.0;
+    for row in &rows {
+        let present: Vec<(usize, f64)> = row
+            .values
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| v.map(|v| (i, v)))
+            .collect();
+        let top = present.iter().map(|(_, v)| *v).fold(f64::MIN, f64::max);
+        let better = if row.lower_is_better {
+            "lower is better"
+        } else {
+            "higher is better"
+        };
+        body.push_str(&format!(
+            "<text x=\"{label_width}\" y=\"{y}\" font-size=\"13\">{} ({better})</text>\n",
+            escape(&row.name)
+        ));
+        y += 6.0;
+        for (i, value) in present {
+            let length = if top > 0.0 { span * value / top } else { 0.0 };
+            body.push_str(&format!(
+                "<rect x=\"{label_width}\" y=\"{y}\" width=\"{length:.1}\" height=\"{bar_height}\" fill=\"{}\"/>\n\
+                 <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\">{}</text>\n",
+                COLOURS[i].1,
+                label_width + length + 4.0,
+                y + bar_height - 3.0,
+                number(Some(value))
+            ));
+            y += bar_height + 2.0;
+        }
+        y += group_gap;
+    }
+    let mut legend = String::new();
+    for (i, (name, colour)) in COLOURS.iter().enumerate() {
+        let x = label_width + 170.0 * i as f64;
+        legend.push_str(&format!(
+            "<rect x=\"{x}\" y=\"14\" width=\"12\" height=\"12\" fill=\"{colour}\"/>\
+             <text x=\"{}\" y=\"25\" font-size=\"13\">{name}</text>\n",
+            x + 16.0
+        ));
+    }
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{y}\" \
+         font-family=\"sans-serif\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         {legend}{body}</svg>\n"
+    )
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
