@@ -289,6 +289,33 @@ async fn background_jobs_of_a_finished_command_end() {
     bench.wait_gone("sleep 556").await;
 }
 
+/// A job that hands off to a child of its own and exits, as daemons do, while the session
+/// ends: the handoff is caught however it falls against the session's own look.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_handing_off_while_the_session_ends_is_ended() {
+    let (bastion, bench, key) = setup(&[], &[]).await;
+    for delay_us in [0, 300, 1000, 2000, 3000, 5000, 8000, 12000] {
+        let command = format!(
+            "sh -c 'usleep {delay_us}; exec sleep 56{delay_us} </dev/null >/dev/null 2>&1 & exit' \
+             </dev/null >/dev/null 2>&1 & exit 0"
+        );
+        let run = bastion.exec(&bench.bench, &key, &[], &command, b"").await;
+        assert_eq!(run.code, Some(0), "{}", run.stderr);
+    }
+    bench.wait_gone("sleep 56").await;
+}
+
+/// The wrapper adds nothing to what the user sees when a command is killed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_command_reports_its_signal_and_nothing_else() {
+    let (bastion, bench, key) = setup(&[], &[]).await;
+    let run = bastion
+        .exec(&bench.bench, &key, &[], "kill -9 $$", b"")
+        .await;
+    assert_eq!(run.code, Some(137));
+    assert_eq!(run.stderr, "");
+}
+
 /// In the host's PID namespace orphans do not go to the container's init, so the wrapper
 /// cannot tell that nothing was left behind: it always looks by marker.
 #[tokio::test(flavor = "multi_thread")]

@@ -158,57 +158,89 @@ pub async fn container_state(endpoint: &Endpoint, container: &str) -> Result<Str
         .unwrap_or_default())
 }
 
-/// Ends every process whose environment holds `MARKER_VAR=$1`: SIGTERM, up to two seconds'
-/// grace, then SIGKILL. One `grep -z` over `/proc/*/environ` where grep has it, else a `tr`
-/// and a `grep` per process. Run as the session's user: root in a container lacks
+/// Ends every process whose environment holds `MARKER_VAR=$1` (but itself and `$2`, the
+/// wrapper of [`cleaning_up_after`]): SIGTERM every 0.1 s for two seconds, then SIGKILL for
+/// one more, until two looks in a row 0.1 s apart find none (a process handing off to a new
+/// child between two looks is caught by the second). One `grep -z` over `/proc/*/environ`
+/// where grep has it, else a `tr` and a `grep` per process. Run as the session's user: root in a container lacks
 /// CAP_SYS_PTRACE and cannot read other users' environments. No single quotes, so that
 /// [`cleaning_up_after`] can carry it.
-const END_SCRIPT: &str = r#"m="BENCHGATE_SESSION=$1"
+const END_SCRIPT: &str = r#"m="BENCHGATE_SESSION=$1"; x=${2:-}
 grep -qz x /dev/null 2>/dev/null
 if [ $? -eq 1 ]; then
-pids() { for f in $(grep -lzxF "$m" /proc/[0-9]*/environ 2>/dev/null); do p=${f#/proc/}; p=${p%/environ}; [ "$p" = "$$" ] || echo "$p"; done; }
+pids() { for f in $(grep -lzxF "$m" /proc/[0-9]*/environ 2>/dev/null); do p=${f#/proc/}; p=${p%/environ}; [ "$p" = "$$" ] || [ "$p" = "$x" ] || echo "$p"; done; }
 else
-pids() { for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" = "$$" ] && continue; tr "\0" "\n" < "$d/environ" 2>/dev/null | grep -qxF "$m" && echo "$p"; done; }
+pids() { for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" = "$$" ] || [ "$p" = "$x" ] && continue; tr "\0" "\n" < "$d/environ" 2>/dev/null | grep -qxF "$m" && echo "$p"; done; }
 fi
-p=$(pids); [ -z "$p" ] && exit 0
-kill -TERM $p 2>/dev/null
-i=0; while [ $i -lt 20 ]; do sleep 0.1 2>/dev/null || sleep 1; p=$(pids); [ -z "$p" ] && exit 0; i=$((i+1)); done
-kill -KILL $p 2>/dev/null; exit 0"#;
+i=0; q=0
+while [ $i -lt 30 ]; do
+p=$(pids)
+if [ -z "$p" ]; then q=$((q+1)); [ $q -ge 2 ] && exit 0
+elif [ $i -lt 20 ]; then q=0; kill -TERM $p 2>/dev/null
+else q=0; kill -KILL $p 2>/dev/null
+fi
+sleep 0.1 2>/dev/null || sleep 1
+i=$((i+1))
+done"#;
 
 /// `cmd` run under a wrapper that, once `cmd` exits, ends whatever it left behind (background
 /// jobs) and exits with `cmd`'s status. This spares the engine a second exec after every
 /// session that ends normally; any other end needs [`terminate`].
 ///
-/// Anything left behind is an orphan: a process whose parent is the container's init (PID 1),
-/// started after the wrapper. The wrapper first looks for such processes with shell builtins
-/// only (no process is started, no environment is read), which is the whole cost when there
-/// are none; otherwise, or when the container shares the host's PID namespace (the wrapper's
-/// parent is then visible, and orphans may go elsewhere), it starts [`END_SCRIPT`] in the
-/// background — without the marker, with its output closed so the stream ends at once,
-/// ignoring the SIGHUP the terminal sends when the wrapper, its session leader, exits.
-/// Terminal signals are caught (not ignored, so `cmd` gets them as usual) so that this runs.
+/// Anything left behind is an orphan: a process that became a child of the container's init
+/// (PID 1) while `cmd` ran, started after the wrapper, in the wrapper's session (every exec is
+/// a session leader) or in a session of its own (`setsid`). The wrapper notes init's children
+/// before `cmd` and looks at the new ones after it with shell builtins only (init's
+/// `children` files and the new children's `stat`; no process is started, no environment is
+/// read), which is the whole cost when there are none. It looks again when a new child
+/// vanished or died during a look (it may have handed off to a child of its own), up to three
+/// times. Otherwise — something found, still moving, a `stat` it cannot parse, no `children`
+/// file, or the host's PID namespace (the wrapper's parent is then visible, and orphans may go
+/// elsewhere) — it starts [`END_SCRIPT`] in the background, without the marker, with its
+/// output closed so the stream ends at once, ignoring the SIGHUP the terminal sends when the
+/// wrapper, its session leader, exits.
+///
+/// `cmd` runs in a subshell that execs it, with the wrapper's own stderr closed, so the
+/// wrapper never prints "Killed" and the like; terminal signals are caught (not ignored, so
+/// `cmd` gets them as usual) so that the cleanup still runs. The only variables set before
+/// `cmd` runs are prefixed `__benchgate_`, so `cmd`'s environment is untouched.
 pub fn cleaning_up_after(cmd: Vec<String>) -> Vec<String> {
     let script = format!(
-        r#"e='{END_SCRIPT}'
-trap : INT QUIT
-"$@"
+        r#"trap : INT QUIT
+__benchgate_kids() {{ __benchgate_k=; for __benchgate_c in /proc/1/task/[0-9]*/children; do __benchgate_x=; {{ read -r __benchgate_x < "$__benchgate_c"; }} 2>/dev/null; __benchgate_k="$__benchgate_k $__benchgate_x"; done; }}
+__benchgate_kids; __benchgate_b="$__benchgate_k "
+exec 3>&2 2>/dev/null
+(exec "$@" 2>&3 3>&-)
 s=$?
+exec 2>&3 3>&-
 trap "" HUP
 m=${MARKER_VAR}
 unset {MARKER_VAR}
-{{ read -r l < /proc/self/stat; }} 2>/dev/null
+e='{END_SCRIPT}'
+l=; {{ read -r l < /proc/self/stat; }} 2>/dev/null
 set -- ${{l##*") "}}
-t=${{20}}
-[ "$2" = 0 ] || t=
-for f in /proc/[0-9]*/stat; do
-[ -n "$t" ] || break
-{{ read -r l < "$f"; }} 2>/dev/null || continue
+t=${{20}}; o=$4
+[ "$2" = 0 ] && [ -r /proc/1/task/1/children ] && [ -n "$o" ] || t=
+n=0; a=
+while [ -n "$t" ] && [ $n -lt 3 ]; do
+n=$((n+1)); a=
+__benchgate_kids
+for p in $__benchgate_k; do
+case "$__benchgate_b" in *" $p "*) continue ;; esac
+l=; {{ read -r l < "/proc/$p/stat"; }} 2>/dev/null
+[ -n "$l" ] || {{ a=1; continue; }}
 set -- ${{l##*") "}}
-[ "$2" = 1 ] || continue
-[ "${{20}}" -lt "$t" ] 2>/dev/null || t=
+[ -n "${{20}}" ] || {{ t=; break; }}
+[ "$4" = "$o" ] || [ "$4" = "$p" ] || continue
+[ "${{20}}" -lt "$t" ] 2>/dev/null && continue
+[ "$1" = Z ] && {{ a=1; continue; }}
+t=
 done
+[ -n "$a" ] || break
+done
+[ -n "$a" ] && t=
 [ -n "$t" ] && exit $s
-sh -c "$e" benchgate-end "$m" </dev/null >/dev/null 2>&1 &
+sh -c "$e" benchgate-end "$m" $$ </dev/null >/dev/null 2>&1 &
 exit $s"#
     );
     ["sh", "-c", &script, "benchgate-session"]
