@@ -316,6 +316,21 @@ async fn a_killed_command_reports_its_signal_and_nothing_else() {
     assert_eq!(run.stderr, "");
 }
 
+/// With an init that reaps (`docker run --init`), nothing dead is left to look at: a daemon
+/// that `setsid`s, forks and exits leaves a process whose session leader is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_double_forked_daemon_ends_under_a_reaping_init() {
+    let bench = Container::start_with(&["--init"], &[]);
+    let bastion = Bastion::start(|_, _| {}).await;
+    let key = bastion.user_with_cert("user", "ca", &["-n", &bench.bench, "-V", VALID]);
+    bastion.wait_for_bench(&bench.bench).await;
+    let command = "setsid sh -c 'sleep 559 </dev/null >/dev/null 2>&1 & exit' \
+                   </dev/null >/dev/null 2>&1; exit 0";
+    let run = bastion.exec(&bench.bench, &key, &[], command, b"").await;
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    bench.wait_gone("sleep 559").await;
+}
+
 /// In the host's PID namespace orphans do not go to the container's init, so the wrapper
 /// cannot tell that nothing was left behind: it always looks by marker.
 #[tokio::test(flavor = "multi_thread")]

@@ -188,17 +188,21 @@ done"#;
 /// session that ends normally; any other end needs [`terminate`].
 ///
 /// Anything left behind is an orphan: a process that became a child of the container's init
-/// (PID 1) while `cmd` ran, started after the wrapper, in the wrapper's session (every exec is
-/// a session leader) or in a session of its own (`setsid`). The wrapper notes init's children
+/// (PID 1) while `cmd` ran and started after the wrapper. The wrapper notes init's children
 /// before `cmd` and looks at the new ones after it with shell builtins only (init's
-/// `children` files and the new children's `stat`; no process is started, no environment is
-/// read), which is the whole cost when there are none. It looks again when a new child
-/// vanished or died during a look (it may have handed off to a child of its own), up to three
-/// times. Otherwise — something found, still moving, a `stat` it cannot parse, no `children`
-/// file, or the host's PID namespace (the wrapper's parent is then visible, and orphans may go
-/// elsewhere) — it starts [`END_SCRIPT`] in the background, without the marker, with its
-/// output closed so the stream ends at once, ignoring the SIGHUP the terminal sends when the
-/// wrapper, its session leader, exits.
+/// `children` files and `stat` files; no process is started, no environment is read), which
+/// is the whole cost when there are none. A new child is not this session's when it is in
+/// init's session, or in the session of another exec's main process (a live process whose
+/// parent is outside the container); every exec is a session leader, and a process of this
+/// session that called `setsid` leads a session whose leader's parent is inside. A new child
+/// that vanished or died during a look may have handed off to a child of its own, so the
+/// wrapper looks again, up to three times. Otherwise — something found, still moving, a
+/// `stat` it cannot parse, no `children` file, or the host's PID namespace (the wrapper's
+/// parent is then visible, and orphans may go elsewhere) — it starts [`END_SCRIPT`] in the
+/// background, without the marker, with its output closed so the stream ends at once,
+/// ignoring the SIGHUP the terminal sends when the wrapper, its session leader, exits. (A
+/// leftover that reuses the PID of one of init's earlier children is missed: that takes the
+/// container's PIDs wrapping around during the session.)
 ///
 /// `cmd` runs in a subshell that execs it, with the wrapper's own stderr closed, so the
 /// wrapper never prints "Killed" and the like; terminal signals are caught (not ignored, so
@@ -218,22 +222,32 @@ m=${MARKER_VAR}
 unset {MARKER_VAR}
 e='{END_SCRIPT}'
 l=; {{ read -r l < /proc/self/stat; }} 2>/dev/null
-set -- ${{l##*") "}}
+set -f; set -- ${{l##*") "}}; set +f
 t=${{20}}; o=$4
 [ "$2" = 0 ] && [ -r /proc/1/task/1/children ] && [ -n "$o" ] || t=
-n=0; a=
+l=; {{ read -r l < /proc/1/stat; }} 2>/dev/null
+set -f; set -- ${{l##*") "}}; set +f
+i=$4
+[ -n "$i" ] || t=
+n=0; a=; z=
 while [ -n "$t" ] && [ $n -lt 3 ]; do
 n=$((n+1)); a=
 __benchgate_kids
 for p in $__benchgate_k; do
-case "$__benchgate_b" in *" $p "*) continue ;; esac
+case "$__benchgate_b $z" in *" $p "*) continue ;; esac
 l=; {{ read -r l < "/proc/$p/stat"; }} 2>/dev/null
 [ -n "$l" ] || {{ a=1; continue; }}
-set -- ${{l##*") "}}
+set -f; set -- ${{l##*") "}}; set +f
 [ -n "${{20}}" ] || {{ t=; break; }}
-[ "$4" = "$o" ] || [ "$4" = "$p" ] || continue
 [ "${{20}}" -lt "$t" ] 2>/dev/null && continue
-[ "$1" = Z ] && {{ a=1; continue; }}
+[ "$1" = Z ] && {{ z="$z $p "; a=1; continue; }}
+q=$4
+[ "$q" = "$i" ] && continue
+if [ "$q" != "$o" ] && [ "$q" != "$p" ]; then
+l=; {{ read -r l < "/proc/$q/stat"; }} 2>/dev/null
+set -f; set -- ${{l##*") "}}; set +f
+[ "$2" = 0 ] && continue
+fi
 t=
 done
 [ -n "$a" ] || break
