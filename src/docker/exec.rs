@@ -202,7 +202,8 @@ done"#;
 /// background, without the marker, with its output closed so the stream ends at once,
 /// ignoring the SIGHUP the terminal sends when the wrapper, its session leader, exits. (A
 /// leftover that reuses the PID of one of init's earlier children is missed: that takes the
-/// container's PIDs wrapping around during the session.)
+/// container's PIDs wrapping around during the session.) Under an init that never reaps, its
+/// children only ever grow at the end of the list, so only the new end is looked at.
 ///
 /// `cmd` runs in a subshell that execs it, with the wrapper's own stderr closed, so the
 /// wrapper never prints "Killed" and the like; terminal signals are caught (not ignored, so
@@ -212,7 +213,7 @@ pub fn cleaning_up_after(cmd: Vec<String>) -> Vec<String> {
     let script = format!(
         r#"trap : INT QUIT
 __benchgate_kids() {{ __benchgate_k=; for __benchgate_c in /proc/1/task/[0-9]*/children; do __benchgate_x=; {{ read -r __benchgate_x < "$__benchgate_c"; }} 2>/dev/null; __benchgate_k="$__benchgate_k $__benchgate_x"; done; }}
-__benchgate_kids; __benchgate_b="$__benchgate_k "
+__benchgate_kids; __benchgate_b="$__benchgate_k"
 exec 3>&2 2>/dev/null
 (exec "$@" 2>&3 3>&-)
 s=$?
@@ -233,8 +234,9 @@ n=0; a=; z=
 while [ -n "$t" ] && [ $n -lt 3 ]; do
 n=$((n+1)); a=
 __benchgate_kids
+case "$__benchgate_k" in "$__benchgate_b"*) __benchgate_k=${{__benchgate_k#"$__benchgate_b"}} ;; esac
 for p in $__benchgate_k; do
-case "$__benchgate_b $z" in *" $p "*) continue ;; esac
+case "$__benchgate_b $z " in *" $p "*) continue ;; esac
 l=; {{ read -r l < "/proc/$p/stat"; }} 2>/dev/null
 [ -n "$l" ] || {{ a=1; continue; }}
 set -f; set -- ${{l##*") "}}; set +f
