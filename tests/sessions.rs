@@ -7,7 +7,7 @@ mod support;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use support::{bench_and_bastion, run, Bastion, Container};
+use support::{bench_and_bastion, bench_and_bastion_in, run, Bastion, Container};
 
 const VALID: &str = "-5m:+6h";
 
@@ -321,9 +321,7 @@ async fn a_killed_command_reports_its_signal_and_nothing_else() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_double_forked_daemon_ends_under_a_reaping_init() {
     let bench = Container::start_with(&["--init"], &[]);
-    let bastion = Bastion::start(|_, _| {}).await;
-    let key = bastion.user_with_cert("user", "ca", &["-n", &bench.bench, "-V", VALID]);
-    bastion.wait_for_bench(&bench.bench).await;
+    let (bastion, bench, key) = bench_and_bastion_in(bench, &["-V", VALID], |_, _| {}).await;
     let command = "setsid sh -c 'sleep 559 </dev/null >/dev/null 2>&1 & exit' \
                    </dev/null >/dev/null 2>&1; exit 0";
     let run = bastion.exec(&bench.bench, &key, &[], command, b"").await;
@@ -336,9 +334,7 @@ async fn a_double_forked_daemon_ends_under_a_reaping_init() {
 #[tokio::test(flavor = "multi_thread")]
 async fn background_jobs_end_in_a_container_sharing_the_host_pids() {
     let bench = Container::start_with(&["--pid=host"], &[]);
-    let bastion = Bastion::start(|_, _| {}).await;
-    let key = bastion.user_with_cert("user", "ca", &["-n", &bench.bench, "-V", VALID]);
-    bastion.wait_for_bench(&bench.bench).await;
+    let (bastion, bench, key) = bench_and_bastion_in(bench, &["-V", VALID], |_, _| {}).await;
     let command = "sleep 557 >/dev/null 2>&1 & echo started";
     let run = bastion.exec(&bench.bench, &key, &[], command, b"").await;
     assert_eq!(run.code, Some(0), "{}", run.stderr);

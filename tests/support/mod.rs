@@ -521,7 +521,15 @@ pub async fn bench_and_bastion(
     sign_args: &[&str],
     edit: impl FnOnce(&Path, &mut Config),
 ) -> (Bastion, Container, PathBuf) {
-    let container = Container::start(labels);
+    bench_and_bastion_in(Container::start(labels), sign_args, edit).await
+}
+
+/// The same for a container already started.
+pub async fn bench_and_bastion_in(
+    container: Container,
+    sign_args: &[&str],
+    edit: impl FnOnce(&Path, &mut Config),
+) -> (Bastion, Container, PathBuf) {
     let bastion = Bastion::start(edit).await;
     let mut args = vec!["-n", container.bench.as_str()];
     args.extend_from_slice(sign_args);
