@@ -162,9 +162,9 @@ pub async fn container_state(endpoint: &Endpoint, container: &str) -> Result<Str
 /// wrapper of [`cleaning_up_after`]): SIGTERM every 0.1 s for two seconds, then SIGKILL for
 /// one more, until two looks in a row 0.1 s apart find none (a process handing off to a new
 /// child between two looks is caught by the second). One `grep -z` over `/proc/*/environ`
-/// where grep has it, else a `tr` and a `grep` per process. Run as the session's user: root in a container lacks
-/// CAP_SYS_PTRACE and cannot read other users' environments. No single quotes, so that
-/// [`cleaning_up_after`] can carry it.
+/// where grep has it, else a `tr` and a `grep` per process. Run as the session's user: root
+/// in a container lacks CAP_SYS_PTRACE and cannot read other users' environments. No single
+/// quotes, so that [`cleaning_up_after`] can carry it.
 const END_SCRIPT: &str = r#"m="BENCHGATE_SESSION=$1"; x=${2:-}
 grep -qz x /dev/null 2>/dev/null
 if [ $? -eq 1 ]; then
@@ -268,7 +268,7 @@ exit $s"#
 
 /// Whether an exit code says the cleanup of [`cleaning_up_after`] ran: the wrapper exited
 /// normally.
-pub fn cleaned_up_after(exit_code: u32) -> bool {
+pub fn wrapper_cleaned_up(exit_code: u32) -> bool {
     exit_code < 128
 }
 

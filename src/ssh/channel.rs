@@ -260,7 +260,7 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
             },
         }
     };
-    let cleaned_up = outcome.parse().is_ok_and(exec::cleaned_up_after);
+    let cleaned_up = outcome.parse().is_ok_and(exec::wrapper_cleaned_up);
     let label = match outcome.as_str() {
         "0" => "ok",
         "client_closed" => "client_closed",
