@@ -3,11 +3,13 @@
 //! `main.rs` parses the command line; [`start`] turns a [`config::Config`] into the state
 //! [`ssh::server::serve`] runs on, the seam the integration tests use.
 
+pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod commands;
 pub mod config;
 pub mod docker;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
@@ -29,7 +31,7 @@ use anyhow::Context as _;
 pub async fn start(
     config: &config::Config,
     shutdown: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<Arc<ssh::server::Shared>> {
+) -> anyhow::Result<Arc<app::App>> {
     settings::prepare(config)?;
     let settings = tokio::sync::watch::Sender::new(Arc::new(settings::Settings::load(config)?));
     tokio::spawn(settings::follow_revocations(
@@ -52,7 +54,7 @@ pub async fn start(
         tracing::warn!(%error, "docker endpoint unavailable at start; retrying in the background");
     }
     benches.watch(shutdown);
-    Ok(Arc::new(ssh::server::Shared::new(
+    Ok(Arc::new(app::App::new(
         config, settings, audit, host_keys, benches,
     )))
 }

@@ -212,7 +212,7 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
     runtime.block_on(async {
         benchgate::logging::init(config.log.format);
         // Set once the SSH listeners are bound: /health says "starting" until then.
-        let serving = Arc::new(std::sync::OnceLock::<Arc<benchgate::ssh::server::Shared>>::new());
+        let serving = Arc::new(std::sync::OnceLock::<Arc<benchgate::app::App>>::new());
         // The recorder first, so start-up (the first bench listing) is counted too.
         if let Some(addr) = config.metrics.listen.0 {
             let listener = tokio::net::TcpListener::bind(addr)

@@ -158,30 +158,11 @@ pub async fn container_state(endpoint: &Endpoint, container: &str) -> Result<Str
         .unwrap_or_default())
 }
 
-/// Ends every process whose environment holds `MARKER_VAR=$1` (but itself and `$2`, the
-/// wrapper of [`cleaning_up_after`]): SIGTERM every 0.1 s for two seconds, then SIGKILL for
-/// one more, until two looks in a row 0.1 s apart find none (a process handing off to a new
-/// child between two looks is caught by the second). One `grep -z` over `/proc/*/environ`
-/// where grep has it, else a `tr` and a `grep` per process. Run as the session's user: root
-/// in a container lacks CAP_SYS_PTRACE and cannot read other users' environments. No single
-/// quotes, so that [`cleaning_up_after`] can carry it.
-const END_SCRIPT: &str = r#"m="BENCHGATE_SESSION=$1"; x=${2:-}
-grep -qz x /dev/null 2>/dev/null
-if [ $? -eq 1 ]; then
-pids() { for f in $(grep -lzxF "$m" /proc/[0-9]*/environ 2>/dev/null); do p=${f#/proc/}; p=${p%/environ}; [ "$p" = "$$" ] || [ "$p" = "$x" ] || echo "$p"; done; }
-else
-pids() { for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" = "$$" ] || [ "$p" = "$x" ] && continue; tr "\0" "\n" < "$d/environ" 2>/dev/null | grep -qxF "$m" && echo "$p"; done; }
-fi
-i=0; q=0
-while [ $i -lt 30 ]; do
-p=$(pids)
-if [ -z "$p" ]; then q=$((q+1)); [ $q -ge 2 ] && exit 0
-elif [ $i -lt 20 ]; then q=0; kill -TERM $p 2>/dev/null
-else q=0; kill -KILL $p 2>/dev/null
-fi
-sleep 0.1 2>/dev/null || sleep 1
-i=$((i+1))
-done"#;
+/// Ends every process of one session: see the comment at the top of `end.sh`.
+const END_SCRIPT: &str = include_str!("end.sh");
+
+/// The session wrapper: see `wrapper.sh` and [`cleaning_up_after`].
+const WRAPPER_SCRIPT: &str = include_str!("wrapper.sh");
 
 /// `cmd` run under a wrapper that, once `cmd` exits, ends whatever it left behind (background
 /// jobs) and exits with `cmd`'s status. This spares the engine a second exec after every
@@ -198,68 +179,14 @@ done"#;
 /// that vanished or died during a look may have handed off to a child of its own, so the
 /// wrapper looks again, up to three times. Otherwise — something found, still moving, a
 /// `stat` it cannot parse, no `children` file, or the host's PID namespace (the wrapper's
-/// parent is then visible, and orphans may go elsewhere) — it starts [`END_SCRIPT`] in the
+/// parent is then visible, and orphans may go elsewhere) — it starts the end script in the
 /// background, without the marker, with its output closed so the stream ends at once,
 /// ignoring the SIGHUP the terminal sends when the wrapper, its session leader, exits. (A
 /// leftover that reuses the PID of one of init's earlier children is missed: that takes the
 /// container's PIDs wrapping around during the session.) Under an init that never reaps, its
 /// children only ever grow at the end of the list, so only the new end is looked at.
-///
-/// `cmd` runs in a subshell that execs it, with the wrapper's own stderr closed, so the
-/// wrapper never prints "Killed" and the like; terminal signals are caught (not ignored, so
-/// `cmd` gets them as usual) so that the cleanup still runs. The only variables set before
-/// `cmd` runs are prefixed `__benchgate_`, so `cmd`'s environment is untouched.
 pub fn cleaning_up_after(cmd: Vec<String>) -> Vec<String> {
-    let script = format!(
-        r#"trap : INT QUIT
-__benchgate_kids() {{ __benchgate_k=; for __benchgate_c in /proc/1/task/[0-9]*/children; do __benchgate_x=; {{ read -r __benchgate_x < "$__benchgate_c"; }} 2>/dev/null; __benchgate_k="$__benchgate_k $__benchgate_x"; done; }}
-__benchgate_kids; __benchgate_b="$__benchgate_k"
-exec 3>&2 2>/dev/null
-(exec "$@" 2>&3 3>&-)
-s=$?
-exec 2>&3 3>&-
-trap "" HUP
-m=${MARKER_VAR}
-unset {MARKER_VAR}
-e='{END_SCRIPT}'
-l=; {{ read -r l < /proc/self/stat; }} 2>/dev/null
-set -f; set -- ${{l##*") "}}; set +f
-t=${{20}}; o=$4
-[ "$2" = 0 ] && [ -r /proc/1/task/1/children ] && [ -n "$o" ] || t=
-l=; {{ read -r l < /proc/1/stat; }} 2>/dev/null
-set -f; set -- ${{l##*") "}}; set +f
-i=$4
-[ -n "$i" ] || t=
-n=0; a=; z=
-while [ -n "$t" ] && [ $n -lt 3 ]; do
-n=$((n+1)); a=
-__benchgate_kids
-case "$__benchgate_k" in "$__benchgate_b"*) __benchgate_k=${{__benchgate_k#"$__benchgate_b"}} ;; esac
-for p in $__benchgate_k; do
-case "$__benchgate_b $z " in *" $p "*) continue ;; esac
-l=; {{ read -r l < "/proc/$p/stat"; }} 2>/dev/null
-[ -n "$l" ] || {{ a=1; continue; }}
-set -f; set -- ${{l##*") "}}; set +f
-[ -n "${{20}}" ] || {{ t=; break; }}
-[ "${{20}}" -lt "$t" ] 2>/dev/null && continue
-[ "$1" = Z ] && {{ z="$z $p "; a=1; continue; }}
-q=$4
-[ "$q" = "$i" ] && continue
-if [ "$q" != "$o" ] && [ "$q" != "$p" ]; then
-l=; {{ read -r l < "/proc/$q/stat"; }} 2>/dev/null
-set -f; set -- ${{l##*") "}}; set +f
-[ "$2" = 0 ] && continue
-fi
-t=
-done
-[ -n "$a" ] || break
-done
-[ -n "$a" ] && t=
-[ -n "$t" ] && exit $s
-sh -c "$e" benchgate-end "$m" $$ </dev/null >/dev/null 2>&1 &
-exit $s"#
-    );
-    ["sh", "-c", &script, "benchgate-session"]
+    ["sh", "-c", WRAPPER_SCRIPT, "benchgate-session", END_SCRIPT]
         .into_iter()
         .map(String::from)
         .chain(cmd)
@@ -273,7 +200,7 @@ pub fn wrapper_cleaned_up(exit_code: u32) -> bool {
 }
 
 /// Ends every process in `container` whose environment holds `MARKER_VAR=marker` (see
-/// [`END_SCRIPT`]), through a separate exec as the session's `user`, so it works for remote
+/// `end.sh`), through a separate exec as the session's `user`, so it works for remote
 /// engines too; needs only a POSIX `sh` with `grep` in the image.
 pub async fn terminate(
     endpoint: &Endpoint,
@@ -396,15 +323,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_session_script_carries_the_end_script_whole() {
+    fn the_wrapper_gets_the_end_script_then_the_command() {
         assert!(END_SCRIPT.contains(&format!("\"{MARKER_VAR}=$1\"")));
-        assert!(
-            !END_SCRIPT.contains('\''),
-            "single quotes would end e='...'"
-        );
+        assert!(WRAPPER_SCRIPT.contains(&format!("marker=${MARKER_VAR}\nunset {MARKER_VAR}\n")));
         let wrapped = cleaning_up_after(vec!["true".into()]);
-        assert!(wrapped[2].contains(END_SCRIPT));
+        assert_eq!(wrapped[2], WRAPPER_SCRIPT);
+        assert_eq!(wrapped[4], END_SCRIPT);
         assert_eq!(wrapped.last().map(String::as_str), Some("true"));
+    }
+
+    #[test]
+    fn the_scripts_parse() {
+        for script in ["wrapper.sh", "end.sh"] {
+            let path = format!("{}/src/docker/{script}", env!("CARGO_MANIFEST_DIR"));
+            let out = std::process::Command::new("sh")
+                .args(["-n", &path])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{script}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 
     fn frame(stream: u8, data: &[u8]) -> Vec<u8> {

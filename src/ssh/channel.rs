@@ -12,7 +12,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::broadcast;
 
 use super::lifetime::{Link, Notice, Touching};
-use super::server::Shared;
+use crate::app::App;
 use crate::audit::{Event, Kind};
 use crate::auth::{self, Grant};
 use crate::docker::exec::{self, Exec, Spec, MARKER_VAR};
@@ -95,10 +95,10 @@ async fn unavailable(request: &Request, channel: Channel<Msg>, message: &str) {
 }
 
 /// Runs `request` on `channel` until the process ends or the client goes away.
-pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
+pub async fn run(app: Arc<App>, request: Request, channel: Channel<Msg>) {
     let tty = request.pty.is_some();
     let bench_name = request.grant.bench.clone();
-    let bench = match shared.benches.lookup(&bench_name) {
+    let bench = match app.benches.lookup(&bench_name) {
         Lookup::Running(bench) => bench,
         Lookup::NotRunning(bench) => {
             let message = format!(
@@ -121,11 +121,11 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
             return unavailable(&request, channel, &message).await;
         }
     }
-    let Some(_slot) = shared.bench_slots.claim(&bench_name) else {
+    let Some(_slot) = app.bench_slots.claim(&bench_name) else {
         let message = format!("benchgate: too many sessions into bench '{bench_name}'");
         return unavailable(&request, channel, &message).await;
     };
-    let Some(endpoint) = shared.benches.endpoint(bench.endpoint).cloned() else {
+    let Some(endpoint) = app.benches.endpoint(bench.endpoint).cloned() else {
         return unavailable(
             &request,
             channel,
@@ -134,7 +134,7 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
         .await;
     };
     let marker = session_marker();
-    let spec = spec(&shared, &request, &bench, &marker);
+    let spec = spec(&app, &request, &bench, &marker);
     let started = Instant::now();
     let exec = match Exec::start(endpoint.clone(), &bench.container, &spec).await {
         Ok(exec) => exec,
@@ -144,13 +144,7 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
             let message = format!("benchgate: bench '{bench_name}' is unavailable: its Docker engine did not start the session");
             unavailable(&request, channel, &message).await;
             // The process may have started before the failure was seen.
-            teardown(
-                &shared,
-                endpoint,
-                bench.container.clone(),
-                spec.user,
-                marker,
-            );
+            teardown(&app, endpoint, bench.container.clone(), spec.user, marker);
             return;
         }
     };
@@ -158,8 +152,7 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
     metrics::exec_started(started.elapsed());
     let _active = metrics::ActiveSession::open(kind);
     tracing::info!(peer = %request.peer, bench = %bench_name, container = %bench.container, kind, "session started");
-    shared
-        .audit
+    app.audit
         .record(&session_event(Kind::SessionStart, &request, &bench).request(kind));
 
     let (exec_endpoint, exec_id) = exec.id();
@@ -177,7 +170,7 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
         link.clone(),
         bytes_out.clone(),
     );
-    let recorder = record(&shared, &request, &marker);
+    let recorder = record(&app, &request, &marker);
     let teed = Teed {
         inner: stdout,
         recorder: recorder.clone(),
@@ -272,7 +265,7 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
     );
     metrics::session_ended(kind, label, started.elapsed(), bytes_in, bytes_out);
     tracing::info!(peer = %request.peer, bench = %bench_name, outcome = %outcome, "session ended");
-    shared.audit.record(
+    app.audit.record(
         &session_event(Kind::SessionEnd, &request, &bench)
             .exit_status(outcome)
             .bytes(bytes_in, bytes_out)
@@ -281,7 +274,7 @@ pub async fn run(shared: Arc<Shared>, request: Request, channel: Channel<Msg>) {
     // Whatever the session left running (background jobs, a process the client abandoned)
     // ends with it. A command that exited normally had its wrapper do that already.
     if !cleaned_up {
-        teardown(&shared, endpoint, bench.container, spec.user, marker);
+        teardown(&app, endpoint, bench.container, spec.user, marker);
     }
 }
 
@@ -320,8 +313,8 @@ async fn exit_status(
 
 /// A recording of this PTY session when `session.record_dir` is set; a failure to start one
 /// is logged and counted, and the session goes on.
-fn record(shared: &Shared, request: &Request, marker: &str) -> Option<Arc<Mutex<Recorder>>> {
-    let settings = shared.settings();
+fn record(app: &App, request: &Request, marker: &str) -> Option<Arc<Mutex<Recorder>>> {
+    let settings = app.settings();
     let (Some(dir), Some(pty)) = (&settings.session.record_dir.0, &request.pty) else {
         return None;
     };
@@ -400,13 +393,13 @@ async fn copy_flushed(
 }
 
 fn teardown(
-    shared: &Arc<Shared>,
+    app: &Arc<App>,
     endpoint: Arc<crate::docker::Endpoint>,
     container: String,
     user: String,
     marker: String,
 ) {
-    shared.tracker.spawn(async move {
+    app.tracker.spawn(async move {
         // An engine hiccup must not leave the session's processes running: retry, bounded.
         for attempt in 1..=TEARDOWN_ATTEMPTS {
             match exec::terminate(&endpoint, &container, &user, &marker).await {
@@ -422,8 +415,8 @@ fn teardown(
     });
 }
 
-fn spec(shared: &Shared, request: &Request, bench: &Bench, marker: &str) -> Spec {
-    let settings = shared.settings();
+fn spec(app: &App, request: &Request, bench: &Bench, marker: &str) -> Spec {
+    let settings = app.settings();
     let session = &settings.session;
     let cmd = match (&request.grant.force_command, &request.command) {
         (Some(forced), _) => vec!["sh".to_owned(), "-c".to_owned(), forced.clone()],
@@ -473,54 +466,4 @@ fn session_event(kind: Kind, request: &Request, bench: &Bench) -> Event {
         event = event.command(command);
     }
     event
-}
-
-/// Sessions per bench, against `session.max_sessions_per_bench`.
-#[derive(Debug)]
-pub struct BenchSlots {
-    max: usize,
-    open: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
-}
-
-/// One session's place in its bench's limit; freed on drop.
-#[derive(Debug)]
-pub struct BenchSlot {
-    bench: String,
-    open: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
-}
-
-impl BenchSlots {
-    /// At most `max` sessions per bench.
-    pub fn new(max: usize) -> Self {
-        Self {
-            max,
-            open: Arc::default(),
-        }
-    }
-
-    /// A slot for a session into `bench`, unless it has `max` already.
-    pub fn claim(&self, bench: &str) -> Option<BenchSlot> {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let count = open.entry(bench.to_owned()).or_insert(0);
-        if *count >= self.max {
-            return None;
-        }
-        *count += 1;
-        Some(BenchSlot {
-            bench: bench.to_owned(),
-            open: self.open.clone(),
-        })
-    }
-}
-
-impl Drop for BenchSlot {
-    fn drop(&mut self) {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = open.get_mut(&self.bench) {
-            *count -= 1;
-            if *count == 0 {
-                open.remove(&self.bench);
-            }
-        }
-    }
 }

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use russh::keys::ssh_key::Certificate;
 
 use super::prechecks::Sink;
-use super::server::Shared;
+use crate::app::App;
 use crate::audit::{Event, Kind};
 use crate::auth::{self, cert::ca_fingerprint, Rejection};
 use crate::metrics;
@@ -43,7 +43,7 @@ impl Ledger {
 
     /// Notes `user` as the latest attempt's; refuses, and reports once, a name that is no
     /// bench name.
-    pub fn admit_user(&self, shared: &Shared, peer: SocketAddr, user: &str) -> bool {
+    pub fn admit_user(&self, app: &App, peer: SocketAddr, user: &str) -> bool {
         let mut pending = self.lock();
         pending.user = Some(user.to_owned());
         if auth::is_bench_name(user) {
@@ -52,7 +52,7 @@ impl Ledger {
         if pending.reported_invalid_user.as_deref() != Some(user) {
             pending.reported_invalid_user = Some(user.to_owned());
             drop(pending);
-            reject(shared, peer, Some(user), None, &Rejection::InvalidUser);
+            reject(app, peer, Some(user), None, &Rejection::InvalidUser);
         }
         false
     }
@@ -63,38 +63,32 @@ impl Ledger {
     }
 
     /// Audits the rejections russh made since the last call.
-    pub fn flush_library(&self, shared: &Shared, peer: SocketAddr) {
+    pub fn flush_library(&self, app: &App, peer: SocketAddr) {
         let (user, library) = {
             let mut pending = self.lock();
             (pending.user.clone(), std::mem::take(&mut pending.library))
         };
         for reason in library {
-            reject(shared, peer, user.as_deref(), None, &reason);
+            reject(app, peer, user.as_deref(), None, &reason);
         }
     }
 
     /// Audits what is still pending when the connection ends. A proven plain key is reported
     /// only when no certificate got in: OpenSSH clients offer it before the certificate.
-    pub fn finish(&self, shared: &Shared, peer: SocketAddr, authenticated: bool) {
-        self.flush_library(shared, peer);
+    pub fn finish(&self, app: &App, peer: SocketAddr, authenticated: bool) {
+        self.flush_library(app, peer);
         let pending = self.lock();
         if pending.plain_key && !authenticated {
             let user = pending.user.clone();
             drop(pending);
-            reject(
-                shared,
-                peer,
-                user.as_deref(),
-                None,
-                &Rejection::NotCertificate,
-            );
+            reject(app, peer, user.as_deref(), None, &Rejection::NotCertificate);
         }
     }
 }
 
 /// Logs, counts and audits one refused login attempt.
 pub fn reject(
-    shared: &Shared,
+    app: &App,
     peer: SocketAddr,
     user: Option<&str>,
     cert: Option<&Certificate>,
@@ -114,5 +108,5 @@ pub fn reject(
     } else {
         tracing::warn!(%peer, bench = %user.map(auth::bounded).unwrap_or_default(), reason = reason.label(), "auth rejected: {reason}");
     }
-    shared.audit.record(&event);
+    app.audit.record(&event);
 }

@@ -12,7 +12,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::server::Shared;
+use crate::app::App;
 use crate::auth::{cert::still_valid, Grant, Rejection};
 use crate::settings::Settings;
 
@@ -234,15 +234,15 @@ fn recheck(grant: &Grant, settings: &Settings) -> Option<Ended> {
 /// Watches an authenticated connection until `closed` resolves (the client or russh ended
 /// it) or the server must end it, sending expiry warnings on the way.
 pub async fn supervise(
-    shared: &Shared,
+    app: &App,
     grant: &Grant,
     link: &Link,
     closed: impl std::future::Future<Output = ()>,
     shutdown: &CancellationToken,
 ) -> Ended {
     tokio::pin!(closed);
-    let mut settings_changes = shared.settings.subscribe();
-    let settings = shared.settings();
+    let mut settings_changes = app.settings.subscribe();
+    let settings = app.settings();
     // Trust may have changed between the login's check and this subscription.
     if let Some(ended) = recheck(grant, &settings) {
         return ended;
@@ -258,7 +258,7 @@ pub async fn supervise(
     let expiry = instant_at(grant.valid_before);
     let far = Instant::now() + Duration::from_secs(3600 * 24 * 365);
     loop {
-        let settings = shared.settings();
+        let settings = app.settings();
         let next_warning = warnings
             .first()
             .and_then(|lead| instant_at(grant.valid_before.saturating_sub(lead.as_secs())));
@@ -277,7 +277,7 @@ pub async fn supervise(
                 if changed.is_err() {
                     return Ended::Shutdown;
                 }
-                if let Some(ended) = recheck(grant, &shared.settings()) {
+                if let Some(ended) = recheck(grant, &app.settings()) {
                     return ended;
                 }
             }

@@ -23,7 +23,7 @@ pub struct Bastion {
     pub dir: TempDir,
     pub addr: SocketAddr,
     /// The daemon's state when it runs in the test process.
-    pub shared: Option<Arc<benchgate::ssh::server::Shared>>,
+    pub shared: Option<Arc<benchgate::app::App>>,
     /// The daemon when it runs as `benchgate serve` (for signals).
     pub process: Option<std::process::Child>,
     shutdown: CancellationToken,

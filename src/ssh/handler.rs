@@ -1,4 +1,5 @@
-//! The russh handler: one per connection, deciding authentication and refusing requests.
+//! The russh handler: one per connection, deciding authentication, refusing requests and
+//! handing session channels to [`super::channel`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,15 +14,16 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use super::channel::{self, Pty, Request};
 use super::ledger::{reject, Ledger};
 use super::lifetime::Link;
-use super::server::{Shared, StartupSlot};
+use super::server::StartupSlot;
+use crate::app::App;
 use crate::audit::{Event, Kind};
 use crate::auth::{self, Attempt, Grant, Rejection};
 use crate::metrics;
 use crate::policy::{self, Refused};
 
 /// The russh handler of one connection.
-pub struct Connection {
-    shared: Arc<Shared>,
+pub struct Handler {
+    app: Arc<App>,
     peer: SocketAddr,
     accepted_at: Instant,
     ledger: Arc<Ledger>,
@@ -45,20 +47,20 @@ struct Opened {
     env: Vec<(String, String)>,
 }
 
-impl Connection {
+impl Handler {
     /// A handler for a connection from `peer`, holding its pre-auth `startup` slot until it
     /// authenticates, then sending its grant on `on_auth`.
     pub fn new(
-        shared: Arc<Shared>,
+        app: Arc<App>,
         peer: SocketAddr,
         ledger: Arc<Ledger>,
         link: Arc<Link>,
         startup: StartupSlot,
         on_auth: oneshot::Sender<Grant>,
     ) -> Self {
-        let shared_max = shared.max_sessions_per_connection;
+        let max_channels = app.server.max_sessions_per_connection.get() as usize;
         Self {
-            shared,
+            app,
             peer,
             accepted_at: Instant::now(),
             ledger,
@@ -67,14 +69,14 @@ impl Connection {
             on_auth: Some(on_auth),
             grant: None,
             pending: HashMap::new(),
-            channel_permits: Arc::new(Semaphore::new(shared_max)),
+            channel_permits: Arc::new(Semaphore::new(max_channels)),
         }
     }
 
     /// Notes `user` for later reports; refuses (and reports once) a name that is no bench name.
     fn admit_user(&mut self, user: &str) -> bool {
-        self.ledger.flush_library(&self.shared, self.peer);
-        self.ledger.admit_user(&self.shared, self.peer, user)
+        self.ledger.flush_library(&self.app, self.peer);
+        self.ledger.admit_user(&self.app, self.peer, user)
     }
 
     /// Replies success to `shell`/`exec` on `channel` and starts its process.
@@ -98,10 +100,10 @@ impl Connection {
             env: pending.env,
             link: self.link.clone(),
         };
-        let shared = self.shared.clone();
+        let app = self.app.clone();
         let permit = pending.permit;
-        self.shared.tracker.spawn(async move {
-            channel::run(shared, request, pending.channel).await;
+        self.app.tracker.spawn(async move {
+            channel::run(app, request, pending.channel).await;
             drop(permit);
         });
         Ok(())
@@ -124,7 +126,7 @@ impl Connection {
         session.channel_success(channel)?;
         let tty = pending.pty.is_some();
         let permit = pending.permit;
-        self.shared.tracker.spawn(async move {
+        self.app.tracker.spawn(async move {
             channel::refuse(pending.channel, message, tty).await;
             drop(permit);
         });
@@ -142,7 +144,7 @@ impl Connection {
                 grant.ca.clone(),
             );
         }
-        self.shared.audit.record(&event);
+        self.app.audit.record(&event);
     }
 
     async fn refuse_channel(&self, request: Refused, reply: ChannelOpenHandle, message: &str) {
@@ -163,7 +165,7 @@ fn unix_now() -> u64 {
         .unwrap_or_default()
 }
 
-impl russh::server::Handler for Connection {
+impl russh::server::Handler for Handler {
     type Error = russh::Error;
 
     async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
@@ -186,7 +188,7 @@ impl russh::server::Handler for Connection {
         }
         if *offer.algorithm == (Algorithm::Rsa { hash: None }) {
             reject(
-                &self.shared,
+                &self.app,
                 self.peer,
                 Some(user),
                 None,
@@ -219,14 +221,14 @@ impl russh::server::Handler for Connection {
         if !self.admit_user(user) {
             return Ok(Auth::reject());
         }
-        let group = self.shared.benches.group(user);
+        let group = self.app.benches.group(user);
         let attempt = Attempt {
             bench: user,
             group: group.as_deref(),
             peer: self.peer.ip(),
             now: unix_now(),
         };
-        match auth::verify(cert, &attempt, &self.shared.settings().trust) {
+        match auth::verify(cert, &attempt, &self.app.settings().trust) {
             Ok(grant) => {
                 let remaining = grant.valid_before.saturating_sub(attempt.now);
                 metrics::auth_accepted(self.accepted_at.elapsed(), remaining);
@@ -234,7 +236,7 @@ impl russh::server::Handler for Connection {
                     peer = %self.peer, bench = %grant.bench, key_id = %auth::bounded(&grant.key_id),
                     serial = grant.serial, ca = %grant.ca, "auth accepted"
                 );
-                self.shared.audit.record(
+                self.app.audit.record(
                     &Event::new(Kind::AuthAccepted, self.peer)
                         .bench(&grant.bench)
                         .certificate(&grant.key_id, grant.serial, grant.ca.clone()),
@@ -243,7 +245,7 @@ impl russh::server::Handler for Connection {
                 Ok(Auth::Accept)
             }
             Err(reason) => {
-                reject(&self.shared, self.peer, Some(user), Some(cert), &reason);
+                reject(&self.app, self.peer, Some(user), Some(cert), &reason);
                 Ok(Auth::reject())
             }
         }
@@ -331,7 +333,7 @@ impl russh::server::Handler for Connection {
         value: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let settings = self.shared.settings();
+        let settings = self.app.settings();
         let allow = &settings.session.env_allow;
         match self.pending.get_mut(&channel) {
             Some(pending)

@@ -1,0 +1,85 @@
+//! What every connection shares: settings, audit sink, bench index, limits and the background
+//! work shutdown waits for.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ssh_key::PrivateKey;
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+use crate::audit::Audit;
+use crate::config::{self, Config, Net};
+use crate::docker::Index;
+use crate::limits::Quota;
+use crate::settings::Settings;
+
+/// The daemon's shared state.
+pub struct App {
+    /// Settings that SIGHUP and the revocation file replace.
+    pub settings: watch::Sender<Arc<Settings>>,
+    /// Where audit events go.
+    pub audit: Audit,
+    /// The bench index across Docker endpoints.
+    pub benches: Arc<Index>,
+    /// Sessions per bench.
+    pub bench_slots: Quota<String>,
+    /// Load balancers allowed to send PROXY headers, when the protocol is on.
+    pub trusted_proxies: Option<Vec<Net>>,
+    /// Background work (session teardown) that shutdown waits for.
+    pub tracker: TaskTracker,
+    /// The `[server]` section: listeners' limits, deadlines, keepalives.
+    pub server: config::Server,
+    /// The host keys.
+    pub host_keys: Vec<PrivateKey>,
+}
+
+impl App {
+    /// Shared state for a server run by `config`, with its settings, audit sink and host keys.
+    pub fn new(
+        config: &Config,
+        settings: watch::Sender<Arc<Settings>>,
+        audit: Audit,
+        host_keys: Vec<PrivateKey>,
+        benches: Arc<Index>,
+    ) -> Self {
+        let server = &config.server;
+        Self {
+            settings,
+            audit,
+            benches,
+            bench_slots: Quota::new(config.session.max_sessions_per_bench.get()),
+            trusted_proxies: server
+                .proxy_protocol
+                .then(|| server.trusted_proxies.clone()),
+            tracker: TaskTracker::new(),
+            server: server.clone(),
+            host_keys,
+        }
+    }
+
+    /// Why this bastion cannot serve logins now, if it cannot (for `/health`).
+    pub fn health(&self) -> Option<String> {
+        match &self.settings().trust.revocation {
+            crate::auth::revocation::Revocation::Unavailable { reason, .. } => Some(format!(
+                "revocation list unavailable, every login is refused: {reason}"
+            )),
+            _ => None,
+        }
+    }
+
+    /// The settings in force now.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.borrow().clone()
+    }
+
+    /// The pre-authentication deadline.
+    pub fn login_grace(&self) -> Duration {
+        self.server.login_grace_time.0
+    }
+
+    /// How long shutdown waits for sessions.
+    pub fn shutdown_grace(&self) -> Duration {
+        self.server.shutdown_grace.0
+    }
+}

@@ -1,0 +1,78 @@
+# The session wrapper: runs the command, then ends what it left behind. Arguments: the end
+# script (end.sh), then the command's argv. See docker::exec::cleaning_up_after.
+#
+# Only variables prefixed __benchgate_ are set before the command runs, and none is exported,
+# so the command's environment is what Docker gave it.
+__benchgate_end_script=$1; shift
+# Terminal signals are caught, not ignored, so the command still gets them as usual and the
+# cleanup below still runs.
+trap : INT QUIT
+# Init's children, every thread's, as one list of PIDs.
+__benchgate_init_children() {
+  __benchgate_children=
+  for __benchgate_file in /proc/1/task/[0-9]*/children; do
+    __benchgate_line=
+    { read -r __benchgate_line < "$__benchgate_file"; } 2>/dev/null
+    __benchgate_children="$__benchgate_children $__benchgate_line"
+  done
+}
+__benchgate_init_children; __benchgate_before="$__benchgate_children"
+# The command gets the wrapper's stderr; the wrapper itself prints nothing ("Killed"...).
+exec 3>&2 2>/dev/null
+(exec "$@" 2>&3 3>&-)
+status=$?
+exec 2>&3 3>&-
+# The terminal hangs up when the wrapper, its session leader, exits; the end script must live.
+trap "" HUP
+marker=$BENCHGATE_SESSION
+unset BENCHGATE_SESSION
+
+# `stat` fields after "(comm) ": $1 state, $2 parent PID, $4 session ID, $20 start time.
+stat_fields() {
+  line=; { read -r line < "$1"; } 2>/dev/null
+  set -f; set -- ${line##*") "}; set +f
+  state=$1; parent=$2; session=$4; start=${20:-}
+}
+stat_fields /proc/self/stat
+# Orphans start after the wrapper; an empty $started means "cannot tell: scan".
+started=$start; own_session=$session
+# The wrapper's parent is outside the container (PID 0) unless it shares the host's PIDs.
+[ "$parent" = 0 ] && [ -r /proc/1/task/1/children ] && [ -n "$own_session" ] || started=
+stat_fields /proc/1/stat
+init_session=$session
+[ -n "$init_session" ] || started=
+
+looks=0; again=; zombies=
+while [ -n "$started" ] && [ $looks -lt 3 ]; do
+  looks=$((looks+1)); again=
+  __benchgate_init_children
+  # Under an init that never reaps, children only ever grow at the end of the list.
+  case "$__benchgate_children" in
+    "$__benchgate_before"*) __benchgate_children=${__benchgate_children#"$__benchgate_before"} ;;
+  esac
+  for pid in $__benchgate_children; do
+    case "$__benchgate_before $zombies " in *" $pid "*) continue ;; esac
+    stat_fields "/proc/$pid/stat"
+    # Vanished during the look: it may have handed off to a child of its own.
+    [ -n "$line" ] || { again=1; continue; }
+    [ -n "$start" ] || { started=; break; }
+    # Older than the wrapper: not this session's.
+    [ "$start" -lt "$started" ] 2>/dev/null && continue
+    [ "$state" = Z ] && { zombies="$zombies $pid "; again=1; continue; }
+    # In init's session: not this session's.
+    [ "$session" = "$init_session" ] && continue
+    if [ "$session" != "$own_session" ] && [ "$session" != "$pid" ]; then
+      # In the session of another exec's live main process (its parent is outside).
+      leader=$session
+      stat_fields "/proc/$leader/stat"
+      [ "$parent" = 0 ] && continue
+    fi
+    # A leftover of this session.
+    started=
+  done
+  [ -n "$again" ] || break
+done
+[ -n "$again" ] && started=
+[ -n "$started" ] && exit $status
+sh -c "$__benchgate_end_script" benchgate-end "$marker" $$ </dev/null >/dev/null 2>&1 &
+exit $status
