@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 use crate::audit::Audit;
 use crate::config::{self, Config, Net};
 use crate::docker::Index;
+use crate::flow::{Budgets, Pool};
 use crate::limits::Quota;
 use crate::settings::Settings;
 
@@ -32,6 +33,8 @@ pub struct App {
     pub server: config::Server,
     /// The host keys.
     pub host_keys: Vec<PrivateKey>,
+    /// Client input held in all connections.
+    pub input: Arc<Pool>,
 }
 
 impl App {
@@ -55,6 +58,12 @@ impl App {
             tracker: TaskTracker::new(),
             server: server.clone(),
             host_keys,
+            input: Arc::new(Pool::new(Budgets {
+                per_channel: server.input_buffer_per_channel.0,
+                per_connection: server.input_buffer_per_connection.0,
+                total: server.input_buffer_total.0,
+                stuck_after: server.stuck_timeout.0,
+            })),
         }
     }
 

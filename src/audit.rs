@@ -58,7 +58,7 @@ pub struct Event {
     #[serde(skip_serializing_if = "Option::is_none")]
     command: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    exit_status: Option<String>,
+    exit_status: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     duration_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -127,9 +127,9 @@ impl Event {
         self
     }
 
-    /// How the session ended: an exit status, or why there is none.
-    pub fn exit_status(mut self, status: impl Into<String>) -> Self {
-        self.exit_status = Some(status.into());
+    /// The exit status the client was given.
+    pub fn exit_status(mut self, status: u32) -> Self {
+        self.exit_status = Some(status);
         self
     }
 

@@ -4,22 +4,16 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use ssh_key::{Certificate, PrivateKey, PublicKey};
 
 use crate::auth::{self, cert, issue, Attempt};
+use crate::clock::unix_now;
 use crate::config::Config;
 use crate::docker;
 use crate::settings::Settings;
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
-}
 
 /// Where `ssh` looks for the certificate of the key whose public half is `public`:
 /// `id_ed25519.pub` -> `id_ed25519-cert.pub`.

@@ -60,6 +60,14 @@ pub struct Server {
     pub proxy_protocol: bool,
     /// Addresses or networks ("10.0.0.0/8") allowed to send PROXY headers.
     pub trusted_proxies: Vec<Net>,
+    /// Client input held for one session's process before the client is slowed down.
+    pub input_buffer_per_channel: Size,
+    /// The same for all sessions of one connection.
+    pub input_buffer_per_connection: Size,
+    /// The same for all connections.
+    pub input_buffer_total: Size,
+    /// End a connection whose held input is over budget and has not moved for this long.
+    pub stuck_timeout: Span,
 }
 
 impl Default for Server {
@@ -80,6 +88,10 @@ impl Default for Server {
             shutdown_grace: Span::secs(30),
             proxy_protocol: false,
             trusted_proxies: Vec::new(),
+            input_buffer_per_channel: Size(2 << 20),
+            input_buffer_per_connection: Size(4 << 20),
+            input_buffer_total: Size(256 << 20),
+            stuck_timeout: Span::secs(300),
         }
     }
 }
@@ -265,6 +277,58 @@ impl<'de> Deserialize<'de> for Span {
 impl Serialize for Span {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+/// A number of bytes written like "4MiB", "512KiB", "1GiB" or "65536".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Size(pub usize);
+
+const SIZE_UNITS: [(&str, usize); 4] = [
+    ("GiB", 1 << 30),
+    ("MiB", 1 << 20),
+    ("KiB", 1 << 10),
+    ("", 1),
+];
+
+impl FromStr for Size {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let trimmed = text.trim();
+        let (number, unit) = SIZE_UNITS
+            .iter()
+            .find_map(|(suffix, unit)| Some((trimmed.strip_suffix(suffix)?, *unit)))
+            .unwrap_or((trimmed, 1));
+        number
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .and_then(|n| n.checked_mul(unit))
+            .filter(|n| *n > 0)
+            .map(Size)
+            .ok_or_else(|| {
+                format!("invalid size {text:?}: write it like \"4MiB\", \"512KiB\" or \"65536\"")
+            })
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Size {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let (suffix, unit) = SIZE_UNITS
+            .iter()
+            .find(|(_, unit)| self.0.is_multiple_of(*unit))
+            .copied()
+            .unwrap_or(("", 1));
+        serializer.collect_str(&format_args!("{}{suffix}", self.0 / unit))
     }
 }
 
@@ -492,10 +556,36 @@ mod tests {
             ("[auth]\nrevoked_key = \"/x\"\n", 2),
             ("[server]\nproxy_protocol = true\n", 2),
             ("[server]\ntrusted_proxies = [\"10.0.0.0/33\"]\n", 2),
+            ("[server]\ninput_buffer_per_channel = \"lots\"\n", 2),
         ] {
             let err = parse(text).expect_err(text);
             assert_eq!(err.line, Some(line), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        for (text, bytes) in [
+            ("4MiB", 4 << 20),
+            ("512KiB", 512 << 10),
+            ("1GiB", 1 << 30),
+            ("65536", 65536),
+            (" 2 MiB ", 2 << 20),
+        ] {
+            assert_eq!(text.parse::<Size>(), Ok(Size(bytes)), "{text}");
+        }
+        for bad in ["", "0", "4MB", "-1KiB", "1.5MiB", "99999999999999999999GiB"] {
+            assert!(bad.parse::<Size>().is_err(), "{bad}");
+        }
+        let config = parse("[server]\ninput_buffer_total = \"3MiB\"\n").expect("parse");
+        assert_eq!(config.server.input_buffer_total, Size(3 << 20));
+        assert_eq!(
+            parse(&config.to_toml())
+                .expect("reparse")
+                .server
+                .input_buffer_total,
+            Size(3 << 20)
+        );
     }
 
     #[test]

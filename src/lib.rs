@@ -6,9 +6,11 @@
 pub mod app;
 pub mod audit;
 pub mod auth;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod docker;
+pub mod flow;
 pub mod limits;
 pub mod logging;
 pub mod metrics;

@@ -51,7 +51,8 @@ async fn command_output_and_exit_status_reach_the_client() {
 
     let events = bastion.audit_after_closed(2).await;
     let end = events.iter().find(|e| e["event"] == "session.end").unwrap();
-    assert_eq!(end["exit_status"], "7");
+    assert_eq!(end["exit_status"], 7);
+    assert_eq!(end["reason"], "exited");
     assert_eq!(end["bench"], bench.bench.as_str());
     assert_eq!(end["command"], "echo hi; echo oops >&2; exit 7");
     assert!(end["container"].as_str().unwrap().len() == 64, "{end}");

@@ -4,19 +4,20 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use russh::server::Msg;
-use russh::{Channel, ChannelMsg, ChannelWriteHalf};
+use russh::ChannelWriteHalf;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::broadcast;
 
-use super::lifetime::{Link, Notice, Touching};
+use super::lifetime::{Ended, Link, Notice, Touching};
 use crate::app::App;
 use crate::audit::{Event, Kind};
 use crate::auth::{self, Grant};
 use crate::docker::exec::{self, Exec, Spec, MARKER_VAR};
 use crate::docker::{Bench, Lookup};
+use crate::flow::{Inbox, Input};
 use crate::metrics;
 use crate::recording::Recorder;
 
@@ -64,38 +65,98 @@ impl Request {
     }
 }
 
-/// Writes `message` as one stderr line, then exit status 1, EOF and close.
-pub async fn refuse(channel: Channel<Msg>, message: &str, tty: bool) {
-    let (_, to_client) = channel.split();
-    say(&to_client, message, tty).await;
-    finish(&to_client, 1).await;
+/// How long one write to the client may wait (a notice, the exit status, EOF and close):
+/// a client that does not read for that long loses the write, and the ladder goes on.
+const WRITE_LIMIT: Duration = Duration::from_secs(2);
+/// How often a session checks whether its input is stuck.
+const WATCHDOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The command exited; the client was given this status.
+    Code(u32),
+    /// The client closed the channel or the connection.
+    ClientGone,
+    /// The server ended it.
+    EndedByServer(Ended),
 }
 
-/// Writes `message` as one line on the client's stderr.
+impl Exit {
+    /// The `outcome` of `benchgate_sessions_total`.
+    fn outcome(self) -> &'static str {
+        match self {
+            Self::Code(0) => "ok",
+            Self::Code(_) => "error",
+            Self::ClientGone => "client_closed",
+            Self::EndedByServer(_) => "ended_by_server",
+        }
+    }
+
+    /// The audit's `reason`.
+    fn reason(self) -> &'static str {
+        match self {
+            Self::Code(_) => "exited",
+            Self::ClientGone => "client_closed",
+            Self::EndedByServer(why) => why.label(),
+        }
+    }
+}
+
+/// Writes `message` as one stderr line, then exit status 1, EOF and close.
+pub async fn refuse(to_client: &ChannelWriteHalf<Msg>, message: &str, tty: bool) {
+    say(to_client, message, tty).await;
+    finish(to_client, 1).await;
+}
+
+/// Writes `message` as one line on the client's stderr (bounded by [`WRITE_LIMIT`]).
 async fn say(to_client: &ChannelWriteHalf<Msg>, message: &str, tty: bool) {
     let mut stderr = to_client.make_writer_ext(Some(1));
     let ending = if tty { "\r\n" } else { "\n" };
-    let _ = stderr
-        .write_all(format!("{message}{ending}").as_bytes())
-        .await;
-    let _ = stderr.flush().await;
+    let line = format!("{message}{ending}");
+    let _ = tokio::time::timeout(WRITE_LIMIT, async {
+        let _ = stderr.write_all(line.as_bytes()).await;
+        let _ = stderr.flush().await;
+    })
+    .await;
 }
 
+/// Sends the exit status, EOF and close (bounded by [`WRITE_LIMIT`]).
 async fn finish(to_client: &ChannelWriteHalf<Msg>, status: u32) {
-    let _ = to_client.exit_status(status).await;
-    let _ = to_client.eof().await;
-    let _ = to_client.close().await;
+    let _ = tokio::time::timeout(WRITE_LIMIT, async {
+        let _ = to_client.exit_status(status).await;
+        let _ = to_client.eof().await;
+        let _ = to_client.close().await;
+    })
+    .await;
 }
 
 /// Refuses a session that cannot start: logged, counted, and `message` told to the person.
-async fn unavailable(request: &Request, channel: Channel<Msg>, message: &str) {
+async fn unavailable(request: &Request, to_client: &ChannelWriteHalf<Msg>, message: &str) {
     tracing::info!(peer = %request.peer, bench = %request.grant.bench, reason = message, "session not started");
-    metrics::session_ended(request.kind(), "error", std::time::Duration::ZERO, 0, 0);
-    refuse(channel, message, request.pty.is_some()).await;
+    metrics::session_ended(request.kind(), "error", Duration::ZERO, 0, 0);
+    refuse(to_client, message, request.pty.is_some()).await;
 }
 
-/// Runs `request` on `channel` until the process ends or the client goes away.
-pub async fn run(app: Arc<App>, request: Request, channel: Channel<Msg>) {
+/// Runs `request` until the process ends, the client goes away or the server ends it; the
+/// client's input comes from `inbox`, output goes to `to_client`.
+pub async fn run(
+    app: Arc<App>,
+    request: Request,
+    inbox: Arc<Inbox>,
+    to_client: ChannelWriteHalf<Msg>,
+) {
+    session(&app, &request, &inbox, &to_client).await;
+    // The handler forgets the channel; input still arriving is dropped.
+    inbox.close();
+}
+
+async fn session(
+    app: &Arc<App>,
+    request: &Request,
+    inbox: &Inbox,
+    to_client: &ChannelWriteHalf<Msg>,
+) {
     let tty = request.pty.is_some();
     let bench_name = request.grant.bench.clone();
     let bench = match app.benches.lookup(&bench_name) {
@@ -105,12 +166,12 @@ pub async fn run(app: Arc<App>, request: Request, channel: Channel<Msg>) {
                 "benchgate: bench '{bench_name}' is not running (status: {})",
                 bench.state
             );
-            return unavailable(&request, channel, &message).await;
+            return unavailable(request, to_client, &message).await;
         }
         Lookup::Unknown => {
             let message =
                 format!("benchgate: bench '{bench_name}' is not running (status: no such bench)");
-            return unavailable(&request, channel, &message).await;
+            return unavailable(request, to_client, &message).await;
         }
     };
     // Access through a group holds only while the bench's container carries that group.
@@ -118,23 +179,23 @@ pub async fn run(app: Arc<App>, request: Request, channel: Channel<Msg>) {
         if bench.group.as_ref() != Some(group) {
             let message =
                 format!("benchgate: your certificate no longer grants bench '{bench_name}'");
-            return unavailable(&request, channel, &message).await;
+            return unavailable(request, to_client, &message).await;
         }
     }
     let Some(_slot) = app.bench_slots.claim(&bench_name) else {
         let message = format!("benchgate: too many sessions into bench '{bench_name}'");
-        return unavailable(&request, channel, &message).await;
+        return unavailable(request, to_client, &message).await;
     };
     let Some(endpoint) = app.benches.endpoint(bench.endpoint).cloned() else {
         return unavailable(
-            &request,
-            channel,
+            request,
+            to_client,
             "benchgate: internal error: unknown endpoint",
         )
         .await;
     };
     let marker = session_marker();
-    let spec = spec(&app, &request, &bench, &marker);
+    let spec = spec(app, request, &bench, &marker);
     let started = Instant::now();
     let exec = match Exec::start(endpoint.clone(), &bench.container, &spec).await {
         Ok(exec) => exec,
@@ -142,9 +203,9 @@ pub async fn run(app: Arc<App>, request: Request, channel: Channel<Msg>) {
             metrics::docker_error(e.op());
             tracing::warn!(bench = %bench_name, container = %bench.container, error = %e, "cannot start session");
             let message = format!("benchgate: bench '{bench_name}' is unavailable: its Docker engine did not start the session");
-            unavailable(&request, channel, &message).await;
+            unavailable(request, to_client, &message).await;
             // The process may have started before the failure was seen.
-            teardown(&app, endpoint, bench.container.clone(), spec.user, marker);
+            teardown(app, endpoint, bench.container.clone(), spec.user, marker);
             return;
         }
     };
@@ -153,7 +214,7 @@ pub async fn run(app: Arc<App>, request: Request, channel: Channel<Msg>) {
     let _active = metrics::ActiveSession::open(kind);
     tracing::info!(peer = %request.peer, bench = %bench_name, container = %bench.container, kind, "session started");
     app.audit
-        .record(&session_event(Kind::SessionStart, &request, &bench).request(kind));
+        .record(&session_event(Kind::SessionStart, request, &bench).request(kind));
 
     let (exec_endpoint, exec_id) = exec.id();
     let Exec {
@@ -163,118 +224,113 @@ pub async fn run(app: Arc<App>, request: Request, channel: Channel<Msg>) {
     let _running = link.session();
     let mut notices = link.subscribe();
     let (bytes_in, bytes_out) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let (mut from_client, to_client) = channel.split();
     let stdout = Touching::new(to_client.make_writer(), link.clone(), bytes_out.clone());
     let stderr = Touching::new(
         to_client.make_writer_ext(Some(1)),
         link.clone(),
         bytes_out.clone(),
     );
-    let recorder = record(&app, &request, &marker);
+    let recorder = record(app, request, &marker);
     let teed = Teed {
         inner: stdout,
         recorder: recorder.clone(),
     };
-    let pump_out = async move {
-        if tty {
+    // Output to the client waits for the client's window: backpressure, not buffering. Once
+    // it has ended, the exit status is looked up (bounded Docker calls).
+    let pump_out = async {
+        let _ = if tty {
             copy_flushed(output, teed).await
         } else {
             exec::demux(output, teed, stderr).await
-        }
+        };
+        exit_status(&exec_endpoint, &exec_id, &bench, to_client, tty).await
     };
-    let (resize_endpoint, resize_id, counted_in, touched) = (
-        exec_endpoint.clone(),
-        exec_id.clone(),
-        bytes_in.clone(),
-        link.clone(),
-    );
-    let recorded_resizes = recorder.clone();
-    let pump_in = async move {
-        while let Some(message) = from_client.wait().await {
-            match message {
-                ChannelMsg::Data { data } => {
-                    touched.touch();
-                    counted_in.fetch_add(data.len() as u64, Ordering::Relaxed);
-                    // Backpressure: this waits while the process does not read its stdin (and
-                    // russh, once its channel buffer is full, stops reading the connection).
-                    if input.write_all(&data).await.is_err() {
-                        break;
+    // Input waits for the process to read it; the client meanwhile is held back by its window
+    // (see crate::flow), never russh's connection loop.
+    let pump_in = async {
+        let mut stdin_open = true;
+        loop {
+            match inbox.next().await {
+                Input::Data(data) => {
+                    link.touch();
+                    bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    // A process that closed its stdin: the rest of the input is dropped.
+                    if stdin_open && input.write_all(&data).await.is_err() {
+                        stdin_open = false;
                     }
                 }
                 // With a terminal, EOF is a ^D the client types, sent as data; a channel EOF
                 // (`ssh -tt < /dev/null`) must not end the attach, which Docker would treat as
                 // the end of the session. Without one, it is the command's stdin closing.
-                ChannelMsg::Eof if !tty => {
+                Input::Eof if !tty => {
                     let _ = input.shutdown().await;
                 }
-                ChannelMsg::WindowChange {
-                    col_width,
-                    row_height,
-                    ..
-                } => {
-                    if let Some(recorder) = &recorded_resizes {
-                        lock(recorder).resize(col_width, row_height);
+                Input::Eof => {}
+                Input::Resize(cols, rows) => {
+                    if let Some(recorder) = &recorder {
+                        lock(recorder).resize(cols, rows);
                     }
-                    let _ = exec::resize(&resize_endpoint, &resize_id, col_width, row_height).await;
+                    let _ = exec::resize(&exec_endpoint, &exec_id, cols, rows).await;
                 }
-                ChannelMsg::Close => break,
-                _ => {}
+                Input::Closed => return,
             }
         }
     };
+    let mut watchdog = tokio::time::interval(WATCHDOG_INTERVAL);
     tokio::pin!(pump_out, pump_in);
-    let outcome = loop {
+    let exit = loop {
         tokio::select! {
-            _ = &mut pump_out => {
-                let status = exit_status(&exec_endpoint, &exec_id, &bench, &to_client, tty).await;
+            status = &mut pump_out => {
                 // The recording is complete before the client learns the session is over.
                 if let Some(recorder) = &recorder {
                     lock(recorder).finish();
                 }
-                finish(&to_client, status).await;
-                break status.to_string();
+                finish(to_client, status).await;
+                break Exit::Code(status);
             }
-            _ = &mut pump_in => break "client_closed".to_owned(),
-            // The connection is gone even if the input pump is stuck writing to a process that
-            // does not read its stdin.
-            _ = link.closed() => break "client_closed".to_owned(),
+            () = &mut pump_in => break Exit::ClientGone,
+            () = inbox.closed() => break Exit::ClientGone,
+            () = link.closed() => break Exit::ClientGone,
+            why = link.ending() => {
+                say(to_client, why.message(), tty).await;
+                finish(to_client, 255).await;
+                break Exit::EndedByServer(why);
+            }
+            _ = watchdog.tick() => {
+                if inbox.stuck() {
+                    tracing::warn!(peer = %request.peer, bench = %bench_name, "session input stuck");
+                    link.request_end(Ended::Stuck);
+                }
+            }
             notice = notices.recv() => match notice {
                 // Warnings are for people at a terminal; a script's stderr is left alone.
-                Ok(Notice::Warn(text)) if tty => say(&to_client, &text, tty).await,
+                Ok(Notice::Warn(text)) if tty => say(to_client, &text, tty).await,
                 Ok(Notice::Warn(_)) => {}
-                Ok(Notice::Tell(text)) => say(&to_client, &text, tty).await,
-                Ok(Notice::End(text)) => {
-                    say(&to_client, &text, tty).await;
-                    finish(&to_client, 255).await;
-                    break "ended_by_server".to_owned();
-                }
+                Ok(Notice::Tell(text)) => say(to_client, &text, tty).await,
                 Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => break "client_closed".to_owned(),
+                Err(broadcast::error::RecvError::Closed) => break Exit::ClientGone,
             },
         }
     };
-    let cleaned_up = outcome.parse().is_ok_and(exec::wrapper_cleaned_up);
-    let label = match outcome.as_str() {
-        "0" => "ok",
-        "client_closed" => "client_closed",
-        _ => "error",
-    };
+    let cleaned_up = matches!(exit, Exit::Code(code) if exec::wrapper_cleaned_up(code));
     let (bytes_in, bytes_out) = (
         bytes_in.load(Ordering::Relaxed),
         bytes_out.load(Ordering::Relaxed),
     );
-    metrics::session_ended(kind, label, started.elapsed(), bytes_in, bytes_out);
-    tracing::info!(peer = %request.peer, bench = %bench_name, outcome = %outcome, "session ended");
-    app.audit.record(
-        &session_event(Kind::SessionEnd, &request, &bench)
-            .exit_status(outcome)
-            .bytes(bytes_in, bytes_out)
-            .duration_ms(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)),
-    );
+    metrics::session_ended(kind, exit.outcome(), started.elapsed(), bytes_in, bytes_out);
+    tracing::info!(peer = %request.peer, bench = %bench_name, reason = exit.reason(), "session ended");
+    let mut event = session_event(Kind::SessionEnd, request, &bench)
+        .reason(exit.reason())
+        .bytes(bytes_in, bytes_out)
+        .duration_ms(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+    if let Exit::Code(code) = exit {
+        event = event.exit_status(code);
+    }
+    app.audit.record(&event);
     // Whatever the session left running (background jobs, a process the client abandoned)
     // ends with it. A command that exited normally had its wrapper do that already.
     if !cleaned_up {
-        teardown(&app, endpoint, bench.container, spec.user, marker);
+        teardown(app, endpoint, bench.container.clone(), spec.user, marker);
     }
 }
 
@@ -305,7 +361,7 @@ async fn exit_status(
             say(to_client, &message, tty).await;
             return code.filter(|c| *c != 0).map_or(255, |c| c as u32);
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tracing::debug!(%state, "killed process in a running container");
     code.map_or(255, |c| (c & 0xff) as u32)
@@ -409,7 +465,7 @@ fn teardown(
                     tracing::warn!(%container, attempt, error = %e, "session teardown failed");
                 }
             }
-            tokio::time::sleep(std::time::Duration::from_secs(attempt.into())).await;
+            tokio::time::sleep(Duration::from_secs(attempt.into())).await;
         }
         tracing::error!(%container, "session processes may still be running: teardown gave up");
     });

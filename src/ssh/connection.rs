@@ -9,20 +9,43 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::future::{Fuse, FusedFuture, FutureExt as _};
+use russh::server::{Handle, RunningSession};
 use russh::Disconnect;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::handler::Handler;
 use super::ledger::Ledger;
 use super::lifetime::{self, Ended, Link, Notice};
 use super::prechecks::{Sink, Watch};
-use super::server::{Gate, StartupSlot};
+use super::server::{Gate, StartupSlot, KEEPALIVE_MAX};
 use crate::audit::{Event, Kind};
+use crate::auth::Grant;
+use crate::clock::unix_now;
 use crate::metrics::{self, Outcome};
+
+/// How long the sessions of an ending connection get to tell the person and close their
+/// channels (each of their writes is bounded by a second or so).
+const SESSIONS_LIMIT: Duration = Duration::from_secs(3);
+/// How long the disconnect message, and russh's ending after it, may take.
+const DISCONNECT_LIMIT: Duration = Duration::from_secs(1);
+const CLOSE_LIMIT: Duration = Duration::from_secs(2);
+/// How long russh's task gets to notice its socket was cut.
+const CUT_LIMIT: Duration = Duration::from_secs(3);
+/// How long a write to a client that reads nothing may wait when keepalives are off.
+const STALL_LIMIT_WITHOUT_KEEPALIVES: Duration = Duration::from_secs(300);
+
+/// Where a connection is in its life once the handshake is over.
+enum Phase {
+    /// Authenticated: sessions may run until something ends the connection.
+    Authenticated(Grant),
+    /// Ending for this reason.
+    Ending(Ended),
+}
 
 /// Serves one connection from `peer` (the real client, behind a proxy too), accepted at
 /// `started`: the login grace counts from then.
@@ -39,8 +62,22 @@ pub(super) async fn run(
     let ledger = Arc::new(Ledger::default());
     let sink: Arc<dyn Sink> = ledger.clone();
     let kill = CancellationToken::new();
-    let stream = Guarded::new(stream, kill.clone(), Watch::new(&sink));
     let link = Arc::new(Link::default());
+    // A client that reads nothing for as long as its keepalives may go unanswered is gone.
+    let stall_limit = app
+        .server
+        .keepalive_interval
+        .nonzero()
+        .map_or(STALL_LIMIT_WITHOUT_KEEPALIVES, |interval| {
+            interval * KEEPALIVE_MAX
+        });
+    let stream = Guarded::new(
+        stream,
+        kill.clone(),
+        Watch::new(&sink),
+        stall_limit,
+        link.clone(),
+    );
     let (on_auth, mut authenticated) = oneshot::channel();
     let handler = Handler::new(
         app.clone(),
@@ -51,88 +88,65 @@ pub(super) async fn run(
         on_auth,
     );
 
-    let mut end = Ended::Closed;
-    let mut grant = None;
     let start = tokio::time::timeout_at(
         deadline,
         russh::server::run_stream(gate.ssh.clone(), stream, handler),
     );
     let running = tokio::select! {
         started = start => match started {
-            Ok(Ok(running)) => Some(running),
+            Ok(Ok(running)) => Ok(running),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "ssh version exchange failed");
-                None
+                Err(Ended::Closed)
             }
-            Err(_) => {
-                end = Ended::LoginGrace;
-                None
-            }
+            Err(_) => Err(Ended::LoginGrace),
         },
-        _ = gate.shutdown.cancelled() => {
-            end = Ended::Shutdown;
-            None
+        _ = gate.shutdown.cancelled() => Err(Ended::Shutdown),
+    };
+    let mut grant = None;
+    let end = match running {
+        Err(end) => end,
+        Ok(running) => {
+            let handle = running.handle();
+            let mut running = running.fuse();
+            let mut phase = tokio::select! {
+                _ = &mut running => Phase::Ending(Ended::Closed),
+                Ok(g) = &mut authenticated => Phase::Authenticated(g),
+                _ = tokio::time::sleep_until(deadline) => Phase::Ending(Ended::LoginGrace),
+                _ = gate.shutdown.cancelled() => Phase::Ending(Ended::Shutdown),
+            };
+            // Both may be ready at once; the grant is sent before the session can end.
+            if let (Phase::Ending(Ended::Closed), Ok(g)) = (&phase, authenticated.try_recv()) {
+                phase = Phase::Authenticated(g);
+            }
+            let why = match phase {
+                Phase::Ending(why) => why,
+                Phase::Authenticated(g) => {
+                    // A fused future stays pending once done: russh may have ended already.
+                    let closed = async {
+                        if !running.is_terminated() {
+                            let _ = (&mut running).await;
+                        }
+                    };
+                    let why =
+                        lifetime::supervise(app, &g, &link, closed, &gate.shutdown, unix_now())
+                            .await;
+                    grant = Some(g);
+                    if why == Ended::Shutdown && !running.is_terminated() {
+                        let grace = app.shutdown_grace();
+                        link.tell(Notice::Tell(format!(
+                            "benchgate: the bastion is shutting down; this connection ends within {}",
+                            lifetime::spoken(grace)
+                        )));
+                        let _ = tokio::time::timeout(grace, &mut running).await;
+                    }
+                    why
+                }
+            };
+            ladder(why, &link, &handle, &mut running, &kill).await;
+            why
         }
     };
-    if let Some(running) = running {
-        let handle = running.handle();
-        tokio::pin!(running);
-        // `running` must not be polled again once it has finished.
-        let mut finished = tokio::select! {
-            _ = &mut running => true,
-            Ok(g) = &mut authenticated => {
-                grant = Some(g);
-                false
-            }
-            _ = tokio::time::sleep_until(deadline) => {
-                end = Ended::LoginGrace;
-                false
-            }
-            _ = gate.shutdown.cancelled() => {
-                end = Ended::Shutdown;
-                false
-            }
-        };
-        // Both may be ready at once; the grant is sent before the session can end.
-        if grant.is_none() {
-            grant = authenticated.try_recv().ok();
-        }
-        if let (Some(grant), false) = (&grant, finished) {
-            let closed = async {
-                let _ = (&mut running).await;
-            };
-            end = lifetime::supervise(app, grant, &link, closed, &gate.shutdown).await;
-            finished = end == Ended::Closed;
-            if end == Ended::Shutdown {
-                let grace = app.shutdown_grace();
-                link.tell(Notice::Tell(format!(
-                    "benchgate: the bastion is shutting down; this connection ends within {}",
-                    lifetime::spoken(grace)
-                )));
-                finished = tokio::time::timeout(grace, &mut running).await.is_ok();
-            }
-            if !finished {
-                // Sessions print the reason and close their channels, then the connection goes.
-                link.tell(Notice::End(end.message().to_owned()));
-                link.sessions_done(Duration::from_secs(2)).await;
-                let _ = handle
-                    .disconnect(
-                        Disconnect::ByApplication,
-                        end.message().to_owned(),
-                        "en".into(),
-                    )
-                    .await;
-                finished = tokio::time::timeout(Duration::from_secs(2), &mut running)
-                    .await
-                    .is_ok();
-            }
-        }
-        if !finished {
-            // Whatever is left is cut: a dead stream ends russh's session within moments.
-            kill.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(5), &mut running).await;
-        }
-    }
 
     link.close();
     ledger.finish(app, peer, grant.is_some());
@@ -162,21 +176,70 @@ pub(super) async fn run(
     app.audit.record(&event);
 }
 
+/// Ends a connection for `why`, one bounded rung after the other, the last always reached:
+/// tell the person and end the sessions (each says why, closes its channel and ends its
+/// container processes), disconnect with the reason, cut the socket.
+async fn ladder(
+    why: Ended,
+    link: &Link,
+    handle: &Handle,
+    running: &mut Fuse<RunningSession<Handler>>,
+    kill: &CancellationToken,
+) {
+    if why != Ended::Closed {
+        link.end_sessions(why);
+        link.sessions_done(SESSIONS_LIMIT).await;
+    }
+    if !running.is_terminated() {
+        let reason = why.message().to_owned();
+        let _ = tokio::time::timeout(
+            DISCONNECT_LIMIT,
+            handle.disconnect(Disconnect::ByApplication, reason, "en".into()),
+        )
+        .await;
+        let _ = tokio::time::timeout(CLOSE_LIMIT, &mut *running).await;
+    }
+    if !running.is_terminated() {
+        // The socket fails every read and write from now on, so russh's task ends.
+        kill.cancel();
+        if tokio::time::timeout(CUT_LIMIT, &mut *running)
+            .await
+            .is_err()
+        {
+            tracing::error!("the connection's task did not end after its socket was cut");
+        }
+    }
+}
+
 /// A TCP stream that fails every read and write once its kill token is cancelled, so a
-/// connection can be cut whatever state russh is in, and that tells the precheck watch which
-/// tasks drive it.
+/// connection can be cut whatever state russh is in; that fails a write the client has not
+/// made room for within `stall_limit` (asking the connection to end as unresponsive: russh's
+/// keepalives cannot fire while its loop waits on that write); and that tells the precheck
+/// watch which tasks drive it.
 struct Guarded {
     inner: TcpStream,
     killed: Pin<Box<WaitForCancellationFutureOwned>>,
     watch: Watch,
+    stall_limit: Duration,
+    stalled: Option<Pin<Box<Sleep>>>,
+    link: Arc<Link>,
 }
 
 impl Guarded {
-    fn new(inner: TcpStream, kill: CancellationToken, watch: Watch) -> Self {
+    fn new(
+        inner: TcpStream,
+        kill: CancellationToken,
+        watch: Watch,
+        stall_limit: Duration,
+        link: Arc<Link>,
+    ) -> Self {
         Self {
             inner,
             killed: Box::pin(kill.cancelled_owned()),
             watch,
+            stall_limit,
+            stalled: None,
+            link,
         }
     }
 
@@ -210,7 +273,27 @@ impl AsyncWrite for Guarded {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.check(cx)?;
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Pending => {
+                let limit = this.stall_limit;
+                let stalled = this
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                if stalled.as_mut().poll(cx).is_ready() {
+                    this.link.request_end(Ended::Unresponsive);
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client stopped reading",
+                    )));
+                }
+                Poll::Pending
+            }
+            ready => {
+                this.stalled = None;
+                ready
+            }
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -4,20 +4,21 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use russh::keys::ssh_key::{Algorithm, Certificate};
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
-use russh::{Channel, ChannelId, ChannelOpenFailure};
+use russh::{Channel, ChannelId, ChannelOpenFailure, ChannelWriteHalf};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::channel::{self, Pty, Request};
 use super::ledger::{reject, Ledger};
-use super::lifetime::Link;
+use super::lifetime::{Ended, Link};
 use super::server::StartupSlot;
 use crate::app::App;
 use crate::audit::{Event, Kind};
 use crate::auth::{self, Attempt, Grant, Rejection};
+use crate::flow::{Flow, Inbox};
 use crate::metrics;
 use crate::policy::{self, Refused};
 
@@ -33,7 +34,10 @@ pub struct Handler {
     grant: Option<Grant>,
     /// Session channels that have not started a process yet.
     pending: HashMap<ChannelId, Opened>,
-    /// Session channels open now, started or not.
+    /// What clients sent on each session channel, started or not, until it closes.
+    inboxes: HashMap<ChannelId, Arc<Inbox>>,
+    /// Client input held by this connection.
+    flow: Arc<Flow>,
     /// One permit per session channel open now, started or not; a started session holds
     /// its permit until its task ends (russh reports no close for channels the server closed).
     channel_permits: Arc<Semaphore>,
@@ -41,7 +45,8 @@ pub struct Handler {
 
 /// A session channel between its opening and its `shell` or `exec` request.
 struct Opened {
-    channel: Channel<Msg>,
+    to_client: ChannelWriteHalf<Msg>,
+    inbox: Arc<Inbox>,
     permit: OwnedSemaphorePermit,
     pty: Option<Pty>,
     env: Vec<(String, String)>,
@@ -59,6 +64,7 @@ impl Handler {
         on_auth: oneshot::Sender<Grant>,
     ) -> Self {
         let max_channels = app.server.max_sessions_per_connection.get() as usize;
+        let flow = Flow::new(app.input.clone());
         Self {
             app,
             peer,
@@ -69,6 +75,8 @@ impl Handler {
             on_auth: Some(on_auth),
             grant: None,
             pending: HashMap::new(),
+            inboxes: HashMap::new(),
+            flow,
             channel_permits: Arc::new(Semaphore::new(max_channels)),
         }
     }
@@ -103,7 +111,7 @@ impl Handler {
         let app = self.app.clone();
         let permit = pending.permit;
         self.app.tracker.spawn(async move {
-            channel::run(app, request, pending.channel).await;
+            channel::run(app, request, pending.inbox, pending.to_client).await;
             drop(permit);
         });
         Ok(())
@@ -127,7 +135,8 @@ impl Handler {
         let tty = pending.pty.is_some();
         let permit = pending.permit;
         self.app.tracker.spawn(async move {
-            channel::refuse(pending.channel, message, tty).await;
+            channel::refuse(&pending.to_client, message, tty).await;
+            pending.inbox.close();
             drop(permit);
         });
         Ok(())
@@ -156,13 +165,6 @@ impl Handler {
             })
             .await;
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
 }
 
 impl russh::server::Handler for Handler {
@@ -226,7 +228,7 @@ impl russh::server::Handler for Handler {
             bench: user,
             group: group.as_deref(),
             peer: self.peer.ip(),
-            now: unix_now(),
+            now: crate::clock::unix_now(),
         };
         match auth::verify(cert, &attempt, &self.app.settings().trust) {
             Ok(grant) => {
@@ -274,10 +276,18 @@ impl russh::server::Handler for Handler {
             return Ok(());
         };
         let id = channel.id();
+        // Everything the client sends on the channel comes through the callbacks below into
+        // its inbox; dropping russh's queue for it means russh never waits on a full one.
+        let (_, to_client) = channel.split();
+        let inbox = Inbox::new(self.flow.clone());
+        // Channels whose sessions ended (russh reports no close for channels we closed).
+        self.inboxes.retain(|_, inbox| !inbox.is_closed());
+        self.inboxes.insert(id, inbox.clone());
         self.pending.insert(
             id,
             Opened {
-                channel,
+                to_client,
+                inbox,
                 permit,
                 pty: None,
                 env: Vec::new(),
@@ -287,12 +297,65 @@ impl russh::server::Handler for Handler {
         Ok(())
     }
 
+    async fn data(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(inbox) = self.inboxes.get(&channel) else {
+            return Ok(());
+        };
+        if let Err(violation) = inbox.push(data) {
+            tracing::warn!(peer = %self.peer, error = %violation, "client ignored its window");
+            self.link.request_end(Ended::ProtocolViolation);
+        }
+        Ok(())
+    }
+
+    async fn channel_eof(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(inbox) = self.inboxes.get(&channel) {
+            inbox.eof();
+        }
+        Ok(())
+    }
+
     async fn channel_close(
         &mut self,
         channel: ChannelId,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.pending.remove(&channel);
+        if let Some(inbox) = self.inboxes.remove(&channel) {
+            inbox.close();
+        }
+        Ok(())
+    }
+
+    fn adjust_window(&mut self, _channel: ChannelId, _current: u32) -> u32 {
+        self.flow
+            .window_target(self.inboxes.values().map(|inbox| &**inbox))
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        col_width: u32,
+        row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let (cols, rows) = (col_width.clamp(1, 10_000), row_height.clamp(1, 10_000));
+        if let Some(pty) = self.pending.get_mut(&channel).and_then(|p| p.pty.as_mut()) {
+            (pty.cols, pty.rows) = (cols, rows);
+        } else if let Some(inbox) = self.inboxes.get(&channel) {
+            inbox.resize(cols, rows);
+        }
         Ok(())
     }
 

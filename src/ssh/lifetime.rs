@@ -3,9 +3,9 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::io::AsyncWrite;
 use tokio::sync::broadcast;
@@ -19,15 +19,13 @@ use crate::settings::Settings;
 /// How often idleness is checked.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
-/// A message from the connection to its sessions.
+/// A message from the connection to its sessions, which carry on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
-    /// Print this line at a terminal and carry on (scripts' stderr is left alone).
+    /// Print this line at a terminal (scripts' stderr is left alone).
     Warn(String),
-    /// Print this line in every session and carry on.
+    /// Print this line in every session.
     Tell(String),
-    /// Print this line and end the session.
-    End(String),
 }
 
 /// Why a connection ended.
@@ -47,6 +45,12 @@ pub enum Ended {
     Idle,
     /// The bastion is shutting down.
     Shutdown,
+    /// Input held for a session was over budget and did not move for `stuck_timeout`.
+    Stuck,
+    /// The client sent more than its window allowed.
+    ProtocolViolation,
+    /// The client read nothing for longer than its keepalives allow.
+    Unresponsive,
 }
 
 impl Ended {
@@ -60,8 +64,24 @@ impl Ended {
             Self::CaRemoved => "ca_removed",
             Self::Idle => "idle",
             Self::Shutdown => "shutdown",
+            Self::Stuck => "stuck",
+            Self::ProtocolViolation => "protocol_violation",
+            Self::Unresponsive => "unresponsive",
         }
     }
+
+    /// Every label, for metrics registered before their first use.
+    pub const LABELS: [&'static str; 9] = [
+        "login_grace_time",
+        "expired",
+        "revoked",
+        "ca_removed",
+        "idle",
+        "shutdown",
+        "stuck",
+        "protocol_violation",
+        "unresponsive",
+    ];
 
     /// What the person is told.
     pub fn message(self) -> &'static str {
@@ -75,17 +95,30 @@ impl Ended {
             }
             Self::Idle => "benchgate: no activity for too long; closing the connection",
             Self::Shutdown => "benchgate: the bastion is shutting down; closing the connection",
+            Self::Stuck => {
+                "benchgate: the session's command stopped reading its input while more kept arriving; closing the connection"
+            }
+            Self::ProtocolViolation => {
+                "benchgate: the client sent more data than it was allowed to; closing the connection"
+            }
+            Self::Unresponsive => "benchgate: the client stopped reading; closing the connection",
         }
     }
 }
 
-/// What one connection's sessions share with it: notices, and when traffic last passed.
+/// What one connection's sessions share with it: notices, the end of the connection in its
+/// two steps (sessions told to end, then the connection gone), a session's request to end the
+/// connection, and when traffic last passed.
 #[derive(Debug)]
 pub struct Link {
     notices: broadcast::Sender<Notice>,
     started: Instant,
     last_activity_ms: AtomicU64,
     sessions: AtomicU64,
+    /// Sessions end now, for this reason.
+    ending: (CancellationToken, Mutex<Ended>),
+    /// Asked to end the connection (a stuck session, a protocol violation).
+    requested: (CancellationToken, Mutex<Option<Ended>>),
     gone: CancellationToken,
 }
 
@@ -96,9 +129,15 @@ impl Default for Link {
             started: Instant::now(),
             last_activity_ms: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
+            ending: (CancellationToken::new(), Mutex::new(Ended::Closed)),
+            requested: (CancellationToken::new(), Mutex::new(None)),
             gone: CancellationToken::new(),
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// One running session of a connection; see [`Link::sessions_done`].
@@ -126,6 +165,29 @@ impl Link {
     pub fn touch(&self) {
         let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_activity_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Asks the connection to end for `why` (the first reason asked wins).
+    pub fn request_end(&self, why: Ended) {
+        lock(&self.requested.1).get_or_insert(why);
+        self.requested.0.cancel();
+    }
+
+    /// Why the connection was asked to end, if it was.
+    pub fn requested(&self) -> Option<Ended> {
+        *lock(&self.requested.1)
+    }
+
+    /// Tells every session to end now for `why`, saying so to the person.
+    pub fn end_sessions(&self, why: Ended) {
+        *lock(&self.ending.1) = why;
+        self.ending.0.cancel();
+    }
+
+    /// Resolves with the reason once the sessions must end.
+    pub async fn ending(&self) -> Ended {
+        self.ending.0.cancelled().await;
+        *lock(&self.ending.1)
     }
 
     /// Marks the connection as over: sessions still running stop waiting on the client.
@@ -195,18 +257,12 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Touching<W> {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
-}
-
-/// The instant `unix` seconds happen, or `None` when that is too far away to matter.
-fn instant_at(unix: u64) -> Option<Instant> {
+/// The instant `unix` seconds happen, on a clock that read `now` (Unix seconds) at `start`, or
+/// `None` when that is too far away to matter.
+fn instant_at(unix: u64, now: u64, start: Instant) -> Option<Instant> {
     const FAR: u64 = 100 * 365 * 24 * 3600;
-    let wait = unix.saturating_sub(unix_now());
-    (wait < FAR).then(|| Instant::now() + Duration::from_secs(wait))
+    let wait = unix.saturating_sub(now);
+    (wait < FAR).then(|| start + Duration::from_secs(wait))
 }
 
 /// "10 minutes", "1 minute", "30 seconds".
@@ -232,14 +288,17 @@ fn recheck(grant: &Grant, settings: &Settings) -> Option<Ended> {
 }
 
 /// Watches an authenticated connection until `closed` resolves (the client or russh ended
-/// it) or the server must end it, sending expiry warnings on the way.
+/// it) or the server must end it, sending expiry warnings on the way. `now` is the Unix time
+/// at the call; later times are measured on tokio's clock from there (so tests can pause it).
 pub async fn supervise(
     app: &App,
     grant: &Grant,
     link: &Link,
     closed: impl std::future::Future<Output = ()>,
     shutdown: &CancellationToken,
+    now: u64,
 ) -> Ended {
+    let start = Instant::now();
     tokio::pin!(closed);
     let mut settings_changes = app.settings.subscribe();
     let settings = app.settings();
@@ -247,7 +306,6 @@ pub async fn supervise(
     if let Some(ended) = recheck(grant, &settings) {
         return ended;
     }
-    let now = unix_now();
     // Warnings whose moment has already passed at login are skipped.
     let mut warnings: Vec<Duration> = settings
         .expiry_warnings
@@ -255,16 +313,21 @@ pub async fn supervise(
         .copied()
         .filter(|lead| grant.valid_before.saturating_sub(now) > lead.as_secs())
         .collect();
-    let expiry = instant_at(grant.valid_before);
+    let expiry = instant_at(grant.valid_before, now, start);
     let far = Instant::now() + Duration::from_secs(3600 * 24 * 365);
     loop {
         let settings = app.settings();
-        let next_warning = warnings
-            .first()
-            .and_then(|lead| instant_at(grant.valid_before.saturating_sub(lead.as_secs())));
+        let next_warning = warnings.first().and_then(|lead| {
+            instant_at(
+                grant.valid_before.saturating_sub(lead.as_secs()),
+                now,
+                start,
+            )
+        });
         let idle_timeout = settings.idle_timeout;
         tokio::select! {
-            _ = &mut closed => return Ended::Closed,
+            _ = &mut closed => return link.requested().unwrap_or(Ended::Closed),
+            _ = link.requested.0.cancelled() => return link.requested().unwrap_or(Ended::Closed),
             _ = shutdown.cancelled() => return Ended::Shutdown,
             _ = tokio::time::sleep_until(next_warning.unwrap_or(far)), if next_warning.is_some() => {
                 let lead = warnings.remove(0);
@@ -305,7 +368,12 @@ mod tests {
 
     #[test]
     fn far_future_has_no_instant() {
-        assert!(instant_at(u64::MAX).is_none());
-        assert!(instant_at(0).is_some());
+        let start = Instant::now();
+        assert!(instant_at(u64::MAX, 1000, start).is_none());
+        assert_eq!(instant_at(0, 1000, start), Some(start));
+        assert_eq!(
+            instant_at(1010, 1000, start),
+            Some(start + Duration::from_secs(10))
+        );
     }
 }

@@ -22,6 +22,8 @@ use crate::limits::{Place, Quota};
 use crate::metrics::{self, Outcome};
 use crate::proxy_protocol;
 
+/// Unanswered keepalives after which russh ends a connection.
+pub(super) const KEEPALIVE_MAX: u32 = 3;
 /// How long a rejected authentication attempt is answered after, at the least.
 const AUTH_REJECTION_TIME: Duration = Duration::from_millis(20);
 
@@ -50,7 +52,8 @@ fn ssh_config(app: &App) -> SshConfig {
         // Idle shells are ended by keepalives and idle_timeout, not by russh's default.
         inactivity_timeout: None,
         keepalive_interval: server.keepalive_interval.nonzero(),
-        keepalive_max: 3,
+        keepalive_max: KEEPALIVE_MAX as usize,
+        window_size: crate::flow::WINDOW_BYTES,
         preferred,
         ..SshConfig::default()
     }

@@ -1,0 +1,355 @@
+//! Client input on its way to a container process, held by us instead of russh's queues:
+//! bounded per channel, per connection and in total, and the window throttle that keeps it so.
+//!
+//! russh re-opens a channel's window as data arrives, not as it is consumed, and awaits a
+//! bounded queue per channel from its only connection loop. We take every message out of
+//! russh in its handler callbacks (never blocking) into an [`Inbox`]; when input held is over
+//! budget, [`Flow::window_target`] shrinks the window russh grants on its next adjust, so a
+//! well-behaved client stops sending. One that keeps sending past what it was granted is a
+//! protocol violation: [`Inbox::push`] refuses it and the connection ends.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// The window russh grants each channel (its default), and what a throttled connection is
+/// topped up with instead (a trickle that lets russh ask again soon).
+pub const WINDOW_BYTES: u32 = 2 * 1024 * 1024;
+const THROTTLED_WINDOW: u32 = 2;
+/// What a client can have in flight beyond the budget once throttled: what was left of its
+/// window, one more full window granted before the throttle took effect, and packets on the
+/// way. More than that was never granted.
+const GRANTED_BEYOND_BUDGET: usize = 2 * WINDOW_BYTES as usize + 256 * 1024;
+
+/// Byte budgets for client input held, from the config.
+#[derive(Debug, Clone, Copy)]
+pub struct Budgets {
+    /// Per session channel.
+    pub per_channel: usize,
+    /// Per connection, all its channels.
+    pub per_connection: usize,
+    /// In all connections.
+    pub total: usize,
+    /// A session whose held input is over budget and has not moved for this long is stuck.
+    pub stuck_after: Duration,
+}
+
+/// Input held in all connections.
+#[derive(Debug)]
+pub struct Pool {
+    held: AtomicUsize,
+    budgets: Budgets,
+}
+
+impl Pool {
+    /// An empty pool under `budgets`.
+    pub fn new(budgets: Budgets) -> Self {
+        Self {
+            held: AtomicUsize::new(0),
+            budgets,
+        }
+    }
+
+    /// Bytes held now in all connections.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+}
+
+/// Input held in one connection.
+#[derive(Debug)]
+pub struct Flow {
+    held: AtomicUsize,
+    pool: Arc<Pool>,
+}
+
+impl Flow {
+    /// A connection's share of `pool`.
+    pub fn new(pool: Arc<Pool>) -> Arc<Self> {
+        Arc::new(Self {
+            held: AtomicUsize::new(0),
+            pool,
+        })
+    }
+
+    fn add(&self, n: usize) {
+        self.held.fetch_add(n, Ordering::Relaxed);
+        self.pool.held.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn sub(&self, n: usize) {
+        self.held.fetch_sub(n, Ordering::Relaxed);
+        self.pool.held.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    fn budgets(&self) -> &Budgets {
+        &self.pool.budgets
+    }
+
+    /// Whether this connection, or all of them, hold more than their budget.
+    fn over_budget(&self) -> bool {
+        self.held.load(Ordering::Relaxed) >= self.budgets().per_connection
+            || self.pool.held() >= self.budgets().total
+    }
+
+    /// The window russh should top channels up to next (the `adjust_window` hook): the full
+    /// window, or a trickle while `inboxes` (this connection's) hold too much.
+    pub fn window_target<'a>(&self, mut inboxes: impl Iterator<Item = &'a Inbox>) -> u32 {
+        if self.over_budget() || inboxes.any(Inbox::over_budget) {
+            THROTTLED_WINDOW
+        } else {
+            WINDOW_BYTES
+        }
+    }
+}
+
+/// What a session takes from its inbox, in the order the client sent it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Input {
+    /// The client's terminal is now this size (columns, rows); comes before data, and only
+    /// the latest of several sent meanwhile.
+    Resize(u32, u32),
+    /// Bytes for the process's stdin.
+    Data(Bytes),
+    /// The client closed its side (after all its data).
+    Eof,
+    /// The client closed the channel (after all its data).
+    Closed,
+}
+
+/// The client sent more than it was ever granted.
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent {held} bytes on a channel that was granted about {granted}")]
+pub struct Violation {
+    held: usize,
+    granted: usize,
+}
+
+#[derive(Debug)]
+struct Held {
+    chunks: VecDeque<Bytes>,
+    bytes: usize,
+    eof: bool,
+    eof_taken: bool,
+    closed: bool,
+    size: Option<(u32, u32)>,
+    /// When input was last taken (or the inbox made).
+    progress: Instant,
+}
+
+/// One session channel's input, from the handler to the session.
+#[derive(Debug)]
+pub struct Inbox {
+    held: Mutex<Held>,
+    ready: Notify,
+    flow: Arc<Flow>,
+    closed: CancellationToken,
+}
+
+impl Inbox {
+    /// An empty inbox counted in `flow`.
+    pub fn new(flow: Arc<Flow>) -> Arc<Self> {
+        Arc::new(Self {
+            held: Mutex::new(Held {
+                chunks: VecDeque::new(),
+                bytes: 0,
+                eof: false,
+                eof_taken: false,
+                closed: false,
+                size: None,
+                progress: Instant::now(),
+            }),
+            ready: Notify::new(),
+            flow,
+            closed: CancellationToken::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Holds `data` from the client; refuses it when the client sent more than it was granted.
+    pub fn push(&self, data: &[u8]) -> Result<(), Violation> {
+        let mut held = self.lock();
+        let limit = self.flow.budgets().per_channel + GRANTED_BEYOND_BUDGET;
+        if held.bytes + data.len() > limit {
+            return Err(Violation {
+                held: held.bytes + data.len(),
+                granted: limit,
+            });
+        }
+        if held.closed || data.is_empty() {
+            return Ok(());
+        }
+        held.chunks.push_back(Bytes::copy_from_slice(data));
+        held.bytes += data.len();
+        self.flow.add(data.len());
+        drop(held);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// The client sent EOF.
+    pub fn eof(&self) {
+        self.lock().eof = true;
+        self.ready.notify_one();
+    }
+
+    /// The client closed the channel: the session ends.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.closed.cancel();
+        self.ready.notify_one();
+    }
+
+    /// The client's terminal is now `cols` x `rows` (the latest size wins).
+    pub fn resize(&self, cols: u32, rows: u32) {
+        self.lock().size = Some((cols, rows));
+        self.ready.notify_one();
+    }
+
+    /// Whether the channel is closed (by the client, or its session ended).
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Resolves once the client closed the channel.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await;
+    }
+
+    /// The next input, waiting for it.
+    pub async fn next(&self) -> Input {
+        loop {
+            {
+                let mut held = self.lock();
+                if let Some((cols, rows)) = held.size.take() {
+                    return Input::Resize(cols, rows);
+                }
+                if let Some(chunk) = held.chunks.pop_front() {
+                    held.bytes -= chunk.len();
+                    held.progress = Instant::now();
+                    self.flow.sub(chunk.len());
+                    return Input::Data(chunk);
+                }
+                if held.eof && !held.eof_taken {
+                    held.eof_taken = true;
+                    return Input::Eof;
+                }
+                if held.closed {
+                    return Input::Closed;
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// Whether this channel holds more than its budget.
+    fn over_budget(&self) -> bool {
+        self.lock().bytes >= self.flow.budgets().per_channel
+    }
+
+    /// Whether input held over budget has not moved for `stuck_after`.
+    pub fn stuck(&self) -> bool {
+        let held = self.lock();
+        held.bytes > 0
+            && (held.bytes >= self.flow.budgets().per_channel || self.flow.over_budget())
+            && held.progress.elapsed() >= self.flow.budgets().stuck_after
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        let bytes = self.lock().bytes;
+        self.flow.sub(bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budgets() -> Budgets {
+        Budgets {
+            per_channel: 100,
+            per_connection: 150,
+            total: 1000,
+            stuck_after: Duration::from_secs(60),
+        }
+    }
+
+    #[tokio::test]
+    async fn input_comes_out_in_order_and_frees_its_budget() {
+        let pool = Arc::new(Pool::new(budgets()));
+        let flow = Flow::new(pool.clone());
+        let inbox = Inbox::new(flow.clone());
+        inbox.push(b"ab").unwrap();
+        inbox.resize(80, 24);
+        inbox.resize(100, 30);
+        inbox.eof();
+        inbox.push(b"cd").unwrap();
+        inbox.close();
+        assert_eq!(pool.held(), 4);
+        assert_eq!(inbox.next().await, Input::Resize(100, 30));
+        assert_eq!(inbox.next().await, Input::Data(Bytes::from_static(b"ab")));
+        assert_eq!(inbox.next().await, Input::Data(Bytes::from_static(b"cd")));
+        assert_eq!(inbox.next().await, Input::Eof);
+        assert_eq!(inbox.next().await, Input::Closed);
+        assert_eq!(pool.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_window_shrinks_over_budget_and_comes_back() {
+        let pool = Arc::new(Pool::new(budgets()));
+        let flow = Flow::new(pool.clone());
+        let (a, b) = (Inbox::new(flow.clone()), Inbox::new(flow.clone()));
+        let target = |f: &Flow| f.window_target([&*a, &*b].into_iter());
+        assert_eq!(target(&flow), WINDOW_BYTES);
+        a.push(&[0; 99]).unwrap();
+        assert_eq!(target(&flow), WINDOW_BYTES);
+        a.push(&[0; 1]).unwrap();
+        assert_eq!(target(&flow), THROTTLED_WINDOW, "channel budget");
+        let _ = a.next().await;
+        assert_eq!(target(&flow), WINDOW_BYTES);
+        a.push(&[0; 80]).unwrap();
+        b.push(&[0; 80]).unwrap();
+        assert_eq!(target(&flow), THROTTLED_WINDOW, "connection budget");
+        drop(b);
+        assert_eq!(pool.held(), 81);
+    }
+
+    #[test]
+    fn more_than_was_granted_is_a_violation() {
+        let flow = Flow::new(Arc::new(Pool::new(budgets())));
+        let inbox = Inbox::new(flow);
+        let chunk = vec![0u8; 32 * 1024];
+        let mut sent = 0;
+        let refused = loop {
+            match inbox.push(&chunk) {
+                Ok(()) => sent += chunk.len(),
+                Err(violation) => break violation,
+            }
+        };
+        assert!(sent >= GRANTED_BEYOND_BUDGET, "{sent}");
+        assert!(refused.held > 100 + GRANTED_BEYOND_BUDGET);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_input_that_does_not_move_is_stuck() {
+        let flow = Flow::new(Arc::new(Pool::new(budgets())));
+        let inbox = Inbox::new(flow);
+        inbox.push(&[0; 100]).unwrap();
+        assert!(!inbox.stuck());
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(inbox.stuck());
+        let _ = inbox.next().await;
+        assert!(!inbox.stuck());
+    }
+}
