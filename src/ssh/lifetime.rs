@@ -240,9 +240,11 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Touching<W> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.link.touch();
         let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        // Only bytes that went out count as activity: a write polled again while the client
+        // reads nothing is not.
         if let Poll::Ready(Ok(n)) = written {
+            self.link.touch();
             self.count.fetch_add(n as u64, Ordering::Relaxed);
         }
         written

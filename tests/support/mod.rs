@@ -23,7 +23,7 @@ pub struct Bastion {
     pub dir: TempDir,
     pub addr: SocketAddr,
     /// The daemon's state when it runs in the test process.
-    pub shared: Option<Arc<benchgate::app::App>>,
+    pub app: Option<Arc<benchgate::app::App>>,
     /// The daemon when it runs as `benchgate serve` (for signals).
     pub process: Option<std::process::Child>,
     shutdown: CancellationToken,
@@ -82,7 +82,7 @@ impl Bastion {
         Self {
             dir,
             addr,
-            shared: Some(shared),
+            app: Some(shared),
             process: None,
             shutdown,
             task: Some(task),
@@ -92,6 +92,14 @@ impl Bastion {
     /// Runs `benchgate serve` as a process with the config written to `benchgate.toml` (its log
     /// in `daemon.log`), so tests can send it signals.
     pub async fn spawn(edit: impl FnOnce(&Path, &mut Config)) -> Self {
+        Self::spawn_with_fd_limit(None, edit).await
+    }
+
+    /// The same, with its open files limited to `fd_limit` (as `ulimit -n` does).
+    pub async fn spawn_with_fd_limit(
+        fd_limit: Option<u32>,
+        edit: impl FnOnce(&Path, &mut Config),
+    ) -> Self {
         let (dir, mut config) = Self::prepare(edit);
         let addr: SocketAddr = {
             let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -100,8 +108,13 @@ impl Bastion {
         config.server.listen = NonEmpty(vec![addr]);
         std::fs::write(dir.path().join("benchgate.toml"), config.to_toml()).unwrap();
         let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-        let process = std::process::Command::new(env!("CARGO_BIN_EXE_benchgate"))
+        let limit = fd_limit.map_or("unlimited".to_owned(), |n| n.to_string());
+        let process = std::process::Command::new("sh")
             .args([
+                "-c",
+                "[ $0 = unlimited ] || ulimit -n $0 || exit 1; exec \"$@\"",
+                &limit,
+                env!("CARGO_BIN_EXE_benchgate"),
                 "serve",
                 "--config",
                 dir.path().join("benchgate.toml").to_str().unwrap(),
@@ -116,7 +129,7 @@ impl Bastion {
                 return Self {
                     dir,
                     addr,
-                    shared: None,
+                    app: None,
                     process: Some(process),
                     shutdown: CancellationToken::new(),
                     task: None,
@@ -273,7 +286,7 @@ impl Bastion {
 
     /// Waits (bounded) until the index shows `bench` running.
     pub async fn wait_for_bench(&self, bench: &str) {
-        let Some(shared) = &self.shared else {
+        let Some(shared) = &self.app else {
             // A daemon process knows its benches at start (the container is started first).
             return;
         };
