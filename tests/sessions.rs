@@ -257,6 +257,27 @@ async fn terminal_size_follows_the_client_and_ctrl_c_interrupts() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_terminal_has_its_size_before_the_command_runs() {
+    let (bastion, bench, key) = setup(&[], &[]).await;
+    // Debian's Docker 20.10 has no console_size: the size lands after the start, and without
+    // the wrapper's wait most runs printed 0 0.
+    for run in 0..20 {
+        let tmux = Tmux::start(&bastion.ssh_line(
+            &bench.bench,
+            &key,
+            &["-t"],
+            "stty size; echo size-done; sleep 5",
+        ));
+        tmux.wait_for("size-done").await;
+        let screen = tmux.screen();
+        assert!(
+            screen.lines().any(|l| l.trim() == "30 100"),
+            "run {run}: {screen}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn background_job_ends_with_the_interactive_shell() {
     let (bastion, bench, key) = setup(&[], &[]).await;
     let tmux = Tmux::start(&bastion.ssh_line(&bench.bench, &key, &[], ""));

@@ -185,12 +185,23 @@ const WRAPPER_SCRIPT: &str = include_str!("wrapper.sh");
 /// leftover that reuses the PID of one of init's earlier children is missed: that takes the
 /// container's PIDs wrapping around during the session.) Under an init that never reaps, its
 /// children only ever grow at the end of the list, so only the new end is looked at.
-pub fn cleaning_up_after(cmd: Vec<String>) -> Vec<String> {
-    ["sh", "-c", WRAPPER_SCRIPT, "benchgate-session", END_SCRIPT]
-        .into_iter()
-        .map(String::from)
-        .chain(cmd)
-        .collect()
+///
+/// With `size` (columns, rows), the wrapper first waits, bounded, until its terminal has that
+/// size: for engines without `console_size`, where the size is set after the start.
+pub fn cleaning_up_after(cmd: Vec<String>, size: Option<(u32, u32)>) -> Vec<String> {
+    let size = size.map_or_else(String::new, |(cols, rows)| format!("{rows} {cols}"));
+    [
+        "sh",
+        "-c",
+        WRAPPER_SCRIPT,
+        "benchgate-session",
+        END_SCRIPT,
+        &size,
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain(cmd)
+    .collect()
 }
 
 /// Whether an exit code says the cleanup of [`cleaning_up_after`] ran: the wrapper exited
@@ -326,9 +337,10 @@ mod tests {
     fn the_wrapper_gets_the_end_script_then_the_command() {
         assert!(END_SCRIPT.contains(&format!("\"{MARKER_VAR}=$1\"")));
         assert!(WRAPPER_SCRIPT.contains(&format!("marker=${MARKER_VAR}\nunset {MARKER_VAR}\n")));
-        let wrapped = cleaning_up_after(vec!["true".into()]);
+        let wrapped = cleaning_up_after(vec!["true".into()], Some((80, 24)));
         assert_eq!(wrapped[2], WRAPPER_SCRIPT);
         assert_eq!(wrapped[4], END_SCRIPT);
+        assert_eq!(wrapped[5], "24 80");
         assert_eq!(wrapped.last().map(String::as_str), Some("true"));
     }
 

@@ -1,9 +1,20 @@
 # The session wrapper: runs the command, then ends what it left behind. Arguments: the end
-# script (end.sh), then the command's argv. See docker::exec::cleaning_up_after.
+# script (end.sh), the terminal size to wait for ("rows cols", or empty), then the command's
+# argv. See docker::exec::cleaning_up_after.
 #
 # Only variables prefixed __benchgate_ are set before the command runs, and none is exported,
 # so the command's environment is what Docker gave it.
-__benchgate_end_script=$1; shift
+__benchgate_end_script=$1; __benchgate_size=$2; shift 2
+# Engines without console_size set the terminal's size only after the process started: hold
+# the command until the terminal has its size (at most about a second), so that its first
+# look at the size is right.
+if [ -n "$__benchgate_size" ] && command -v stty >/dev/null 2>&1; then
+  __benchgate_tries=0
+  while [ "$(stty size 2>/dev/null)" != "$__benchgate_size" ] && [ $__benchgate_tries -lt 100 ]; do
+    sleep 0.01 2>/dev/null || break
+    __benchgate_tries=$((__benchgate_tries+1))
+  done
+fi
 # Terminal signals are caught, not ignored, so the command still gets them as usual and the
 # cleanup below still runs.
 trap : INT QUIT

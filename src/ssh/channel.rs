@@ -195,7 +195,7 @@ async fn session(
         .await;
     };
     let marker = session_marker();
-    let spec = spec(app, request, &bench, &marker);
+    let spec = spec(app, request, &bench, &marker, endpoint.has_console_size());
     let started = Instant::now();
     let exec = match Exec::start(endpoint.clone(), &bench.container, &spec).await {
         Ok(exec) => exec,
@@ -471,7 +471,9 @@ fn teardown(
     });
 }
 
-fn spec(app: &App, request: &Request, bench: &Bench, marker: &str) -> Spec {
+/// What to run for `request`; `console_size` says whether the engine sets a terminal's size
+/// at creation (else the wrapper waits for it).
+fn spec(app: &App, request: &Request, bench: &Bench, marker: &str, console_size: bool) -> Spec {
     let settings = app.settings();
     let session = &settings.session;
     let cmd = match (&request.grant.force_command, &request.command) {
@@ -495,15 +497,16 @@ fn spec(app: &App, request: &Request, bench: &Bench, marker: &str) -> Spec {
     env.push(format!("BENCHGATE_SERIAL={}", request.grant.serial));
     env.push(format!("BENCHGATE_BENCH={}", request.grant.bench));
     env.push(format!("{MARKER_VAR}={marker}"));
+    let size = request.pty.as_ref().map(|p| (p.cols, p.rows));
     Spec {
-        cmd: exec::cleaning_up_after(cmd),
+        cmd: exec::cleaning_up_after(cmd, size.filter(|_| !console_size)),
         user: bench.user.clone().unwrap_or_else(|| session.user.clone()),
         workdir: bench
             .workdir
             .clone()
             .unwrap_or_else(|| session.working_dir.clone()),
         env,
-        tty: request.pty.as_ref().map(|p| (p.cols, p.rows)),
+        tty: size,
     }
 }
 
