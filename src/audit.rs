@@ -60,6 +60,8 @@ pub struct Event {
     #[serde(skip_serializing_if = "Option::is_none")]
     exit_status: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    leftovers: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     duration_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     bytes_in: Option<u64>,
@@ -83,6 +85,7 @@ impl Event {
             container: None,
             command: None,
             exit_status: None,
+            leftovers: None,
             duration_ms: None,
             bytes_in: None,
             bytes_out: None,
@@ -130,6 +133,12 @@ impl Event {
     /// The exit status the client was given.
     pub fn exit_status(mut self, status: u32) -> Self {
         self.exit_status = Some(status);
+        self
+    }
+
+    /// Background processes the session left, ended or hung up by its wrapper.
+    pub fn leftovers(mut self, count: u32) -> Self {
+        self.leftovers = Some(count);
         self
     }
 

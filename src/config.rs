@@ -189,6 +189,19 @@ pub struct Session {
     pub max_sessions_per_bench: NonZeroU32,
     /// Directory for asciicast recordings of PTY sessions; "" = off.
     pub record_dir: Optional<PathBuf>,
+    /// What happens to processes a session leaves running when its command exits.
+    pub leftovers: Leftovers,
+}
+
+/// `session.leftovers`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Leftovers {
+    /// Ended (TERM, then KILL), and the person told which.
+    #[default]
+    End,
+    /// Sent SIGHUP, as a terminal hangup under sshd; what ignores it runs on.
+    Hangup,
 }
 
 impl Default for Session {
@@ -200,6 +213,7 @@ impl Default for Session {
             env_allow: vec!["LANG".to_owned(), "LC_*".to_owned(), "TZ".to_owned()],
             max_sessions_per_bench: nonzero(32),
             record_dir: Optional(None),
+            leftovers: Leftovers::End,
         }
     }
 }

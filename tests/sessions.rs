@@ -931,3 +931,60 @@ async fn audit_events_carry_the_spec_fields() {
         .iter()
         .all(|e| e["ts"].as_str().unwrap().ends_with('Z')));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leftovers_are_ended_and_the_person_is_told() {
+    let (bastion, bench, key) = setup(&[], &[]).await;
+    let run = bastion
+        .exec(
+            &bench.bench,
+            &key,
+            &[],
+            "sleep 555 & (trap \"\" HUP; exec sleep 556) & echo started",
+            b"",
+        )
+        .await;
+    assert_eq!(run.stdout_text(), "started\n");
+    assert_eq!(run.code, Some(0));
+    assert!(
+        run.stderr
+            .contains("benchgate: ended 2 background processes left by this session (sleep)"),
+        "{run:?}"
+    );
+    bench.wait_gone("sleep 55").await;
+    let events = bastion.audit_after_closed(1).await;
+    let end = events.iter().find(|e| e["event"] == "session.end").unwrap();
+    assert_eq!(end["leftovers"], 2, "{end}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hangup_keeps_nohup_jobs_and_ends_plain_ones() {
+    let (bastion, bench, key) = bench_and_bastion(&[], &["-V", VALID], |_, config| {
+        config.session.leftovers = benchgate::config::Leftovers::Hangup;
+    })
+    .await;
+    // What nohup does (the test image's busybox has no nohup): SIGHUP ignored, then exec.
+    let run = bastion
+        .exec(
+            &bench.bench,
+            &key,
+            &[],
+            "(trap \"\" HUP; exec sleep 561) & sleep 562 & echo started",
+            b"",
+        )
+        .await;
+    assert_eq!(run.stdout_text(), "started\n");
+    assert!(
+        run.stderr.contains(
+            "benchgate: sent a hangup to 2 background processes left by this session (sleep)"
+        ),
+        "{run:?}"
+    );
+    bench.wait_gone("sleep 562").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        bench.processes().iter().any(|p| p.contains("sleep 561")),
+        "the nohup job did not survive: {:?}",
+        bench.processes()
+    );
+}

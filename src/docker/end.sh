@@ -1,5 +1,6 @@
 # Ends every process whose environment holds BENCHGATE_SESSION=$1, except this script and
-# the process $2 (the session wrapper, when it starts this): SIGTERM every 0.1 s for two
+# the process $2 (the session wrapper, when it starts this); with $3 = "list", only prints
+# them, one "PID NAME" line each. Ending: SIGTERM every 0.1 s for two
 # seconds, then SIGKILL for one more, until two looks in a row 0.1 s apart find none (a
 # process handing off to a new child between two looks is caught by the second). One
 # `grep -z` over /proc/*/environ where grep has it, else a `tr` and a `grep` per process.
@@ -22,6 +23,13 @@ else
       tr "\0" "\n" < "$dir/environ" 2>/dev/null | grep -qxF "$marker" && echo "$pid"
     done
   }
+fi
+if [ "${3:-}" = list ]; then
+  for pid in $(pids); do
+    name=; { read -r name < "/proc/$pid/comm"; } 2>/dev/null
+    echo "$pid ${name:-?}"
+  done
+  exit 0
 fi
 round=0; empty_looks=0
 while [ $round -lt 30 ]; do

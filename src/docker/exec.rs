@@ -188,8 +188,12 @@ const WRAPPER_SCRIPT: &str = include_str!("wrapper.sh");
 ///
 /// With `size` (columns, rows), the wrapper first waits, bounded, until its terminal has that
 /// size: for engines without `console_size`, where the size is set after the start.
-pub fn cleaning_up_after(cmd: Vec<String>, size: Option<(u32, u32)>) -> Vec<String> {
+///
+/// Leftovers are ended (TERM, then KILL), or with `hangup` sent SIGHUP once, as a terminal
+/// hangup would; either way the person is told on stderr how many, and which.
+pub fn cleaning_up_after(cmd: Vec<String>, size: Option<(u32, u32)>, hangup: bool) -> Vec<String> {
     let size = size.map_or_else(String::new, |(cols, rows)| format!("{rows} {cols}"));
+    let leftovers = if hangup { "hangup" } else { "end" };
     [
         "sh",
         "-c",
@@ -197,6 +201,7 @@ pub fn cleaning_up_after(cmd: Vec<String>, size: Option<(u32, u32)>) -> Vec<Stri
         "benchgate-session",
         END_SCRIPT,
         &size,
+        leftovers,
     ]
     .into_iter()
     .map(String::from)
@@ -337,10 +342,11 @@ mod tests {
     fn the_wrapper_gets_the_end_script_then_the_command() {
         assert!(END_SCRIPT.contains(&format!("\"{MARKER_VAR}=$1\"")));
         assert!(WRAPPER_SCRIPT.contains(&format!("marker=${MARKER_VAR}\nunset {MARKER_VAR}\n")));
-        let wrapped = cleaning_up_after(vec!["true".into()], Some((80, 24)));
+        let wrapped = cleaning_up_after(vec!["true".into()], Some((80, 24)), true);
         assert_eq!(wrapped[2], WRAPPER_SCRIPT);
         assert_eq!(wrapped[4], END_SCRIPT);
         assert_eq!(wrapped[5], "24 80");
+        assert_eq!(wrapped[6], "hangup");
         assert_eq!(wrapped.last().map(String::as_str), Some("true"));
     }
 

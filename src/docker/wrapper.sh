@@ -1,10 +1,10 @@
 # The session wrapper: runs the command, then ends what it left behind. Arguments: the end
-# script (end.sh), the terminal size to wait for ("rows cols", or empty), then the command's
-# argv. See docker::exec::cleaning_up_after.
+# script (end.sh), the terminal size to wait for ("rows cols", or empty), what to do with
+# leftovers ("end" or "hangup"), then the command's argv. See docker::exec::cleaning_up_after.
 #
 # Only variables prefixed __benchgate_ are set before the command runs, and none is exported,
 # so the command's environment is what Docker gave it.
-__benchgate_end_script=$1; __benchgate_size=$2; shift 2
+__benchgate_end_script=$1; __benchgate_size=$2; __benchgate_leftovers=$3; shift 3
 # Engines without console_size set the terminal's size only after the process started: hold
 # the command until the terminal has its size (at most about a second), so that its first
 # look at the size is right.
@@ -85,5 +85,26 @@ while [ -n "$started" ] && [ $looks -lt 3 ]; do
 done
 [ -n "$again" ] && started=
 [ -n "$started" ] && exit $status
+
+# Something may be left: say what, then end it or hang it up.
+found=$(sh -c "$__benchgate_end_script" benchgate-end "$marker" $$ list </dev/null 2>/dev/null)
+count=0; names=; pids=
+while read -r pid name; do
+  [ -n "$pid" ] || continue
+  count=$((count+1)); pids="$pids $pid"
+  case ", $names, " in *", $name, "*) ;; *) names="${names:+$names, }$name" ;; esac
+done <<LIST
+$found
+LIST
+noun=processes; [ $count = 1 ] && noun=process
+if [ "$__benchgate_leftovers" = hangup ]; then
+  [ $count -gt 0 ] || exit $status
+  printf 'benchgate: sent a hangup to %s background %s left by this session (%s)\n' "$count" "$noun" "$names" >&2
+  kill -HUP $pids 2>/dev/null
+  exit $status
+fi
+[ $count -gt 0 ] && printf 'benchgate: ended %s background %s left by this session (%s)\n' "$count" "$noun" "$names" >&2
+# Ended in the background, so that the session ends now; a hand-off between the list and the
+# end is caught by the end script's looks.
 sh -c "$__benchgate_end_script" benchgate-end "$marker" $$ </dev/null >/dev/null 2>&1 &
 exit $status

@@ -11,10 +11,11 @@ use russh::ChannelWriteHalf;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::broadcast;
 
-use super::lifetime::{Ended, Link, Notice, Touching};
+use super::lifetime::{Ended, Link, Notice, Sent, Touching};
 use crate::app::App;
 use crate::audit::{Event, Kind};
 use crate::auth::{self, Grant};
+use crate::config::Leftovers;
 use crate::docker::exec::{self, Exec, Spec, MARKER_VAR};
 use crate::docker::{Bench, Lookup};
 use crate::flow::{Inbox, Input};
@@ -223,12 +224,13 @@ async fn session(
     let link = request.link.clone();
     let _running = link.session();
     let mut notices = link.subscribe();
-    let (bytes_in, bytes_out) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let stdout = Touching::new(to_client.make_writer(), link.clone(), bytes_out.clone());
+    let bytes_in = AtomicU64::new(0);
+    let sent = Arc::new(Sent::default());
+    let stdout = Touching::new(to_client.make_writer(), link.clone(), sent.clone());
     let stderr = Touching::new(
         to_client.make_writer_ext(Some(1)),
         link.clone(),
-        bytes_out.clone(),
+        sent.clone(),
     );
     let recorder = record(app, request, &marker);
     let teed = Teed {
@@ -315,7 +317,7 @@ async fn session(
     let cleaned_up = matches!(exit, Exit::Code(code) if exec::wrapper_cleaned_up(code));
     let (bytes_in, bytes_out) = (
         bytes_in.load(Ordering::Relaxed),
-        bytes_out.load(Ordering::Relaxed),
+        sent.bytes.load(Ordering::Relaxed),
     );
     metrics::session_ended(kind, exit.outcome(), started.elapsed(), bytes_in, bytes_out);
     tracing::info!(peer = %request.peer, bench = %bench_name, reason = exit.reason(), "session ended");
@@ -325,6 +327,9 @@ async fn session(
         .duration_ms(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
     if let Exit::Code(code) = exit {
         event = event.exit_status(code);
+        if let Some(count) = leftovers_reported(&sent.tail()) {
+            event = event.leftovers(count);
+        }
     }
     app.audit.record(&event);
     // Whatever the session left running (background jobs, a process the client abandoned)
@@ -499,7 +504,11 @@ fn spec(app: &App, request: &Request, bench: &Bench, marker: &str, console_size:
     env.push(format!("{MARKER_VAR}={marker}"));
     let size = request.pty.as_ref().map(|p| (p.cols, p.rows));
     Spec {
-        cmd: exec::cleaning_up_after(cmd, size.filter(|_| !console_size)),
+        cmd: exec::cleaning_up_after(
+            cmd,
+            size.filter(|_| !console_size),
+            session.leftovers == Leftovers::Hangup,
+        ),
         user: bench.user.clone().unwrap_or_else(|| session.user.clone()),
         workdir: bench
             .workdir
@@ -508,6 +517,20 @@ fn spec(app: &App, request: &Request, bench: &Bench, marker: &str, console_size:
         env,
         tty: size,
     }
+}
+
+/// How many leftovers the wrapper said it ended or hung up, from the end of the output (its
+/// line comes last). The command could print the same words: the count is the person's own
+/// account of their session, never a decision.
+fn leftovers_reported(tail: &[u8]) -> Option<u32> {
+    let text = String::from_utf8_lossy(tail);
+    let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
+    let rest = line
+        .strip_prefix("benchgate: ended ")
+        .or_else(|| line.strip_prefix("benchgate: sent a hangup to "))?;
+    let (count, rest) = rest.split_once(' ')?;
+    rest.starts_with("background process")
+        .then(|| count.parse().ok())?
 }
 
 fn session_marker() -> String {
@@ -525,4 +548,28 @@ fn session_event(kind: Kind, request: &Request, bench: &Bench) -> Event {
         event = event.command(command);
     }
     event
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wrappers_leftovers_line_is_counted_when_it_comes_last() {
+        let said = |text: &str| leftovers_reported(text.as_bytes());
+        assert_eq!(
+            said("out\nbenchgate: ended 2 background processes left by this session (sleep)\n"),
+            Some(2)
+        );
+        assert_eq!(
+            said("benchgate: sent a hangup to 1 background process left by this session (x)\r\n"),
+            Some(1)
+        );
+        assert_eq!(
+            said("benchgate: ended 2 background processes left\nmore output\n"),
+            None
+        );
+        assert_eq!(said("benchgate: ended many background processes\n"), None);
+        assert_eq!(said(""), None);
+    }
 }

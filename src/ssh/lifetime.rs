@@ -220,17 +220,44 @@ impl Link {
     }
 }
 
-/// A writer that records activity on `link` and counts bytes with every write.
+/// What a session wrote to its client: how many bytes, and the last of them.
+#[derive(Debug, Default)]
+pub struct Sent {
+    /// Bytes written.
+    pub bytes: AtomicU64,
+    tail: Mutex<Vec<u8>>,
+}
+
+/// How many of the last bytes written [`Sent`] keeps.
+const TAIL_BYTES: usize = 512;
+
+impl Sent {
+    fn keep(&self, written: &[u8]) {
+        self.bytes
+            .fetch_add(written.len() as u64, Ordering::Relaxed);
+        let mut tail = lock(&self.tail);
+        tail.extend_from_slice(&written[written.len().saturating_sub(TAIL_BYTES)..]);
+        let excess = tail.len().saturating_sub(TAIL_BYTES);
+        tail.drain(..excess);
+    }
+
+    /// The last bytes written (at most 512).
+    pub fn tail(&self) -> Vec<u8> {
+        lock(&self.tail).clone()
+    }
+}
+
+/// A writer that records activity on `link` and what went out in `sent`.
 pub struct Touching<W> {
     inner: W,
     link: Arc<Link>,
-    count: Arc<AtomicU64>,
+    sent: Arc<Sent>,
 }
 
 impl<W> Touching<W> {
-    /// Wraps `inner`, adding what is written to `count`.
-    pub fn new(inner: W, link: Arc<Link>, count: Arc<AtomicU64>) -> Self {
-        Self { inner, link, count }
+    /// Wraps `inner`, keeping what is written in `sent`.
+    pub fn new(inner: W, link: Arc<Link>, sent: Arc<Sent>) -> Self {
+        Self { inner, link, sent }
     }
 }
 
@@ -245,7 +272,7 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Touching<W> {
         // reads nothing is not.
         if let Poll::Ready(Ok(n)) = written {
             self.link.touch();
-            self.count.fetch_add(n as u64, Ordering::Relaxed);
+            self.sent.keep(&buf[..n]);
         }
         written
     }
