@@ -9,7 +9,7 @@
 //! protocol violation: [`Inbox::push`] refuses it and the connection ends.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -64,12 +64,20 @@ impl Pool {
     }
 }
 
-/// Input held in one connection.
+/// Input held in one connection, and whether it is throttled.
 #[derive(Debug)]
 pub struct Flow {
     held: AtomicUsize,
     pool: Arc<Pool>,
+    /// The last window target given to russh was the trickle.
+    throttled: AtomicBool,
+    /// When input was last taken from any of this connection's inboxes (ms since `start`).
+    taken_ms: AtomicU64,
+    start: Instant,
 }
+
+/// How long a throttled connection's input may sit untaken before it counts as stalled.
+const STALLED_AFTER: Duration = Duration::from_millis(100);
 
 impl Flow {
     /// A connection's share of `pool`.
@@ -77,7 +85,26 @@ impl Flow {
         Arc::new(Self {
             held: AtomicUsize::new(0),
             pool,
+            throttled: AtomicBool::new(false),
+            taken_ms: AtomicU64::new(0),
+            start: Instant::now(),
         })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether the connection is throttled and its input has not moved for a while. Each
+    /// trickle top-up of a throttled window costs a round trip with the client; while
+    /// nothing moves, the socket slows its writes (see `ssh::connection`) so that those round
+    /// trips stay few instead of spinning at the speed of the link.
+    pub fn stalled(&self) -> bool {
+        self.throttled.load(Ordering::Relaxed)
+            && self
+                .now_ms()
+                .saturating_sub(self.taken_ms.load(Ordering::Relaxed))
+                >= STALLED_AFTER.as_millis() as u64
     }
 
     fn add(&self, n: usize) {
@@ -103,7 +130,9 @@ impl Flow {
     /// The window russh should top channels up to next (the `adjust_window` hook): the full
     /// window, or a trickle while `inboxes` (this connection's) hold too much.
     pub fn window_target<'a>(&self, mut inboxes: impl Iterator<Item = &'a Inbox>) -> u32 {
-        if self.over_budget() || inboxes.any(Inbox::over_budget) {
+        let throttled = self.over_budget() || inboxes.any(Inbox::over_budget);
+        self.throttled.store(throttled, Ordering::Relaxed);
+        if throttled {
             THROTTLED_WINDOW
         } else {
             WINDOW_BYTES
@@ -239,6 +268,9 @@ impl Inbox {
                     held.bytes -= chunk.len();
                     held.progress = Instant::now();
                     self.flow.sub(chunk.len());
+                    self.flow
+                        .taken_ms
+                        .store(self.flow.now_ms(), Ordering::Relaxed);
                     return Input::Data(chunk);
                 }
                 if held.eof && !held.eof_taken {

@@ -26,6 +26,7 @@ use super::server::{Gate, StartupSlot, KEEPALIVE_MAX};
 use crate::audit::{Event, Kind};
 use crate::auth::Grant;
 use crate::clock::unix_now;
+use crate::flow::Flow;
 use crate::metrics::{self, Outcome};
 
 /// How long the sessions of an ending connection get to tell the person and close their
@@ -71,19 +72,24 @@ pub(super) async fn run(
         .map_or(STALL_LIMIT_WITHOUT_KEEPALIVES, |interval| {
             interval * KEEPALIVE_MAX
         });
-    let stream = Guarded::new(
-        stream,
-        kill.clone(),
-        Watch::new(&sink),
+    let flow = Flow::new(app.input.clone());
+    let stream = Guarded {
+        inner: stream,
+        killed: Box::pin(kill.clone().cancelled_owned()),
+        watch: Watch::new(&sink),
         stall_limit,
-        link.clone(),
-    );
+        stalled: None,
+        link: link.clone(),
+        flow: flow.clone(),
+        pause: None,
+    };
     let (on_auth, mut authenticated) = oneshot::channel();
     let handler = Handler::new(
         app.clone(),
         peer,
         ledger.clone(),
         link.clone(),
+        flow,
         slot,
         on_auth,
     );
@@ -214,7 +220,8 @@ async fn ladder(
 /// A TCP stream that fails every read and write once its kill token is cancelled, so a
 /// connection can be cut whatever state russh is in; that fails a write the client has not
 /// made room for within `stall_limit` (asking the connection to end as unresponsive: russh's
-/// keepalives cannot fire while its loop waits on that write); and that tells the precheck
+/// keepalives cannot fire while its loop waits on that write); that spaces its writes while
+/// the connection's input is stalled (see [`Flow::stalled`]); and that tells the precheck
 /// watch which tasks drive it.
 struct Guarded {
     inner: TcpStream,
@@ -223,26 +230,14 @@ struct Guarded {
     stall_limit: Duration,
     stalled: Option<Pin<Box<Sleep>>>,
     link: Arc<Link>,
+    flow: Arc<Flow>,
+    pause: Option<Pin<Box<Sleep>>>,
 }
 
-impl Guarded {
-    fn new(
-        inner: TcpStream,
-        kill: CancellationToken,
-        watch: Watch,
-        stall_limit: Duration,
-        link: Arc<Link>,
-    ) -> Self {
-        Self {
-            inner,
-            killed: Box::pin(kill.cancelled_owned()),
-            watch,
-            stall_limit,
-            stalled: None,
-            link,
-        }
-    }
+/// How long each write waits while the connection's input is stalled.
+const STALLED_WRITE_PAUSE: Duration = Duration::from_millis(10);
 
+impl Guarded {
     fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         self.watch.note_task();
         match self.killed.as_mut().poll(cx) {
@@ -274,6 +269,14 @@ impl AsyncWrite for Guarded {
     ) -> Poll<io::Result<usize>> {
         self.check(cx)?;
         let this = &mut *self;
+        if this.pause.is_some() || this.flow.stalled() {
+            let pause = this
+                .pause
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(STALLED_WRITE_PAUSE)));
+            if pause.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
         match Pin::new(&mut this.inner).poll_write(cx, buf) {
             Poll::Pending => {
                 let limit = this.stall_limit;
@@ -291,6 +294,7 @@ impl AsyncWrite for Guarded {
             }
             ready => {
                 this.stalled = None;
+                this.pause = None;
                 ready
             }
         }

@@ -54,17 +54,17 @@ struct Opened {
 
 impl Handler {
     /// A handler for a connection from `peer`, holding its pre-auth `startup` slot until it
-    /// authenticates, then sending its grant on `on_auth`.
+    /// authenticates, then sending its grant on `on_auth`; client input is counted in `flow`.
     pub fn new(
         app: Arc<App>,
         peer: SocketAddr,
         ledger: Arc<Ledger>,
         link: Arc<Link>,
+        flow: Arc<Flow>,
         startup: StartupSlot,
         on_auth: oneshot::Sender<Grant>,
     ) -> Self {
         let max_channels = app.server.max_sessions_per_connection.get() as usize;
-        let flow = Flow::new(app.input.clone());
         Self {
             app,
             peer,
