@@ -53,9 +53,12 @@ stat_fields /proc/1/stat
 init_session=$session
 [ -n "$init_session" ] || started=
 
+# Init's new children that belong to this session, and their names.
+leftovers=; names=
+add_name() { case ", $names, " in *", $1, "*) ;; *) names="${names:+$names, }$1" ;; esac; }
 looks=0; again=; zombies=
 while [ -n "$started" ] && [ $looks -lt 3 ]; do
-  looks=$((looks+1)); again=
+  looks=$((looks+1)); again=; leftovers=; names=
   __benchgate_init_children
   # Under an init that never reaps, children only ever grow at the end of the list.
   case "$__benchgate_children" in
@@ -78,33 +81,53 @@ while [ -n "$started" ] && [ $looks -lt 3 ]; do
       stat_fields "/proc/$leader/stat"
       [ "$parent" = 0 ] && continue
     fi
-    # A leftover of this session.
-    started=
+    # A leftover of this session. Its name is read with builtins too: when leftovers hold
+    # every PID the container may have, nothing can be forked until they are gone.
+    leftovers="$leftovers $pid"
+    name=; { read -r name < "/proc/$pid/comm"; } 2>/dev/null
+    add_name "${name:-?}"
   done
-  [ -n "$again" ] || break
+  # Something moved during the look: look again, unless leftovers are found already.
+  [ -n "$again" ] && [ -z "$leftovers" ] || break
 done
-[ -n "$again" ] && started=
-[ -n "$started" ] && exit $status
-
-# Something may be left: say what, then end it or hang it up.
-found=$(sh -c "$__benchgate_end_script" benchgate-end "$marker" $$ list </dev/null 2>/dev/null)
-count=0; names=; pids=
-while read -r pid name; do
-  [ -n "$pid" ] || continue
-  count=$((count+1)); pids="$pids $pid"
-  case ", $names, " in *", $name, "*) ;; *) names="${names:+$names, }$name" ;; esac
-done <<LIST
-$found
-LIST
-noun=processes; [ $count = 1 ] && noun=process
-if [ "$__benchgate_leftovers" = hangup ]; then
-  [ $count -gt 0 ] || exit $status
-  printf 'benchgate: sent a hangup to %s background %s left by this session (%s)\n' "$count" "$noun" "$names" >&2
-  kill -HUP $pids 2>/dev/null
+[ -n "$again" ] && [ -z "$leftovers" ] && started=
+trace() { [ -z "${BENCHGATE_TRACE:-}" ] || echo "benchgate-trace: $*" >&2; }
+if [ -n "$started" ] && [ -z "$leftovers" ]; then
+  trace fast
   exit $status
 fi
-[ $count -gt 0 ] && printf 'benchgate: ended %s background %s left by this session (%s)\n' "$count" "$noun" "$names" >&2
-# Ended in the background, so that the session ends now; a hand-off between the list and the
-# end is caught by the end script's looks.
+
+if [ -z "$started" ] || [ "$__benchgate_leftovers" = hangup ]; then
+  # Init's children could not tell, or a hangup goes to every process of the session: list
+  # them by marker (this forks).
+  found=$(sh -c "$__benchgate_end_script" benchgate-end "$marker" $$ list </dev/null 2>/dev/null)
+  [ -z "$found" ] || { leftovers=; names=; }
+  while read -r pid name; do
+    [ -n "$pid" ] || continue
+    leftovers="$leftovers $pid"; add_name "$name"
+  done <<LIST
+$found
+LIST
+fi
+set -f; set -- $leftovers; set +f
+count=$#
+noun=processes; [ $count = 1 ] && noun=process
+if [ "$__benchgate_leftovers" = hangup ]; then
+  trace "hangup $count"
+  [ $count -gt 0 ] || exit $status
+  printf 'benchgate: sent a hangup to %s background %s left by this session (%s)\n' "$count" "$noun" "$names" >&2
+  kill -HUP $leftovers 2>/dev/null
+  exit $status
+fi
+trace "end $count"
+if [ $count -gt 0 ]; then
+  printf 'benchgate: ended %s background %s left by this session (%s)\n' "$count" "$noun" "$names" >&2
+  # A builtin, so that it works when no process can be started: their PIDs come free.
+  kill -TERM $leftovers 2>/dev/null
+fi
+# The rest (their children, what ignores TERM, hand-offs) is ended in the background by
+# marker, so that the session ends now.
 sh -c "$__benchgate_end_script" benchgate-end "$marker" $$ </dev/null >/dev/null 2>&1 &
+# Not even that could start: benchgate's teardown has to (an exit status of 128 or more).
+[ -n "${!:-}" ] || exit 255
 exit $status
