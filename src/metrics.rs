@@ -21,6 +21,18 @@ pub const AUTH_TOTAL: &str = "benchgate_auth_total";
 pub const REFUSED_REQUESTS_TOTAL: &str = "benchgate_refused_requests_total";
 /// Connections the server ended.
 pub const DISCONNECTS_TOTAL: &str = "benchgate_disconnects_total";
+/// Why the server ends connections: the `reason` labels of [`DISCONNECTS_TOTAL`].
+pub const DISCONNECT_REASONS: [&str; 9] = [
+    "login_grace_time",
+    "expired",
+    "revoked",
+    "ca_removed",
+    "idle",
+    "shutdown",
+    "stuck",
+    "protocol_violation",
+    "unresponsive",
+];
 /// Bench names in the index.
 pub const BENCHES_KNOWN: &str = "benchgate_benches_known";
 /// Docker API failures by operation.
@@ -243,7 +255,7 @@ fn describe() {
     }
     for kind in ["shell", "exec"] {
         gauge!(SESSIONS_ACTIVE, "kind" => kind).set(0.0);
-        for outcome in ["ok", "error", "client_closed"] {
+        for outcome in ["ok", "error", "client_closed", "ended_by_server"] {
             counter!(SESSIONS_TOTAL, "kind" => kind, "outcome" => outcome).absolute(0);
         }
     }
@@ -253,14 +265,7 @@ fn describe() {
     for op in DOCKER_OPS {
         counter!(DOCKER_ERRORS_TOTAL, "op" => op).absolute(0);
     }
-    for reason in [
-        "login_grace_time",
-        "expired",
-        "revoked",
-        "ca_removed",
-        "idle",
-        "shutdown",
-    ] {
+    for reason in DISCONNECT_REASONS {
         counter!(DISCONNECTS_TOTAL, "reason" => reason).absolute(0);
     }
     gauge!(BENCHES_KNOWN).set(0.0);
@@ -360,7 +365,7 @@ impl Drop for ActiveSession {
     }
 }
 
-/// A session of `kind` ended: `outcome` is "ok", "error" or "client_closed".
+/// A session of `kind` ended: `outcome` is "ok", "error", "client_closed" or "ended_by_server".
 pub fn session_ended(
     kind: &'static str,
     outcome: &'static str,

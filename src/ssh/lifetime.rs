@@ -70,19 +70,6 @@ impl Ended {
         }
     }
 
-    /// Every label, for metrics registered before their first use.
-    pub const LABELS: [&'static str; 9] = [
-        "login_grace_time",
-        "expired",
-        "revoked",
-        "ca_removed",
-        "idle",
-        "shutdown",
-        "stuck",
-        "protocol_violation",
-        "unresponsive",
-    ];
-
     /// What the person is told.
     pub fn message(self) -> &'static str {
         match self {
@@ -393,6 +380,27 @@ mod tests {
         assert_eq!(spoken(Duration::from_secs(7200)), "2 hours");
         assert_eq!(spoken(Duration::from_secs(90)), "90 seconds");
         assert_eq!(spoken(Duration::from_secs(1)), "1 second");
+    }
+
+    #[test]
+    fn every_server_reason_is_a_registered_metric_label() {
+        use Ended::*;
+        for why in [
+            LoginGrace,
+            Expired,
+            Revoked,
+            CaRemoved,
+            Idle,
+            Shutdown,
+            Stuck,
+            ProtocolViolation,
+            Unresponsive,
+        ] {
+            assert!(
+                crate::metrics::DISCONNECT_REASONS.contains(&why.label()),
+                "{why:?}"
+            );
+        }
     }
 
     #[test]
