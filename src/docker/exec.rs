@@ -209,12 +209,6 @@ pub fn cleaning_up_after(cmd: Vec<String>, size: Option<(u32, u32)>, hangup: boo
     .collect()
 }
 
-/// Whether an exit code says the cleanup of [`cleaning_up_after`] ran: the wrapper exited
-/// normally.
-pub fn wrapper_cleaned_up(exit_code: u32) -> bool {
-    exit_code < 128
-}
-
 /// Ends every process in `container` whose environment holds `MARKER_VAR=marker` (see
 /// `end.sh`), through a separate exec as the session's `user`, so it works for remote
 /// engines too; needs only a POSIX `sh` with `grep` in the image.

@@ -3,9 +3,11 @@
 pub mod benches;
 pub mod endpoint;
 pub mod exec;
+pub mod session;
 
 pub use benches::{Bench, Index, Lookup};
 pub use endpoint::Endpoint;
+pub use session::{Plan, Session};
 
 /// A Docker failure a session reports to its user and the operator.
 #[derive(Debug, thiserror::Error)]

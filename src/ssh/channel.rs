@@ -16,14 +16,11 @@ use crate::app::App;
 use crate::audit::{Event, Kind};
 use crate::auth::{self, Grant};
 use crate::config::Leftovers;
-use crate::docker::exec::{self, Exec, Spec, MARKER_VAR};
-use crate::docker::{Bench, Lookup};
+use crate::docker::exec;
+use crate::docker::{Bench, Lookup, Plan, Session};
 use crate::flow::{Inbox, Input};
 use crate::metrics;
 use crate::recording::Recorder;
-
-/// How often teardown is tried before giving up (each Docker call is bounded).
-const TEARDOWN_ATTEMPTS: u32 = 3;
 
 /// Runs an interactive shell when the config names none: bash if the image has it.
 const DEFAULT_SHELL: &str =
@@ -195,19 +192,17 @@ async fn session(
         )
         .await;
     };
-    let marker = session_marker();
-    let spec = spec(app, request, &bench, &marker, endpoint.has_console_size());
     let started = Instant::now();
-    let exec = match Exec::start(endpoint.clone(), &bench.container, &spec).await {
-        Ok(exec) => exec,
+    let plan = plan(app, request, &bench);
+    let (processes, streams) = match Session::start(endpoint, &bench.container, plan, &app.tracker)
+        .await
+    {
+        Ok(started) => started,
         Err(e) => {
             metrics::docker_error(e.op());
             tracing::warn!(bench = %bench_name, container = %bench.container, error = %e, "cannot start session");
             let message = format!("benchgate: bench '{bench_name}' is unavailable: its Docker engine did not start the session");
-            unavailable(request, to_client, &message).await;
-            // The process may have started before the failure was seen.
-            teardown(app, endpoint, bench.container.clone(), spec.user, marker);
-            return;
+            return unavailable(request, to_client, &message).await;
         }
     };
     let kind = request.kind();
@@ -217,10 +212,9 @@ async fn session(
     app.audit
         .record(&session_event(Kind::SessionStart, request, &bench).request(kind));
 
-    let (exec_endpoint, exec_id) = exec.id();
-    let Exec {
+    let exec::Exec {
         output, mut input, ..
-    } = exec;
+    } = streams;
     let link = request.link.clone();
     let _running = link.session();
     let mut notices = link.subscribe();
@@ -232,89 +226,91 @@ async fn session(
         link.clone(),
         sent.clone(),
     );
-    let recorder = record(app, request, &marker);
+    let recorder = record(app, request, processes.tag());
     let teed = Teed {
         inner: stdout,
         recorder: recorder.clone(),
     };
-    // Output to the client waits for the client's window: backpressure, not buffering. Once
-    // it has ended, the exit status is looked up (bounded Docker calls).
-    let pump_out = async {
-        let _ = if tty {
-            copy_flushed(output, teed).await
-        } else {
-            exec::demux(output, teed, stderr).await
+    // The pumps borrow the session's processes; they are gone once the loop has its exit.
+    let exit = {
+        // Output to the client waits for the client's window: backpressure, not buffering. Once
+        // it has ended, the exit status is looked up (bounded Docker calls).
+        let pump_out = async {
+            let _ = if tty {
+                copy_flushed(output, teed).await
+            } else {
+                exec::demux(output, teed, stderr).await
+            };
+            exit_status(&processes, to_client, tty).await
         };
-        exit_status(&exec_endpoint, &exec_id, &bench, to_client, tty).await
-    };
-    // Input waits for the process to read it; the client meanwhile is held back by its window
-    // (see crate::flow), never russh's connection loop.
-    let pump_in = async {
-        let mut stdin_open = true;
+        // Input waits for the process to read it; the client meanwhile is held back by its window
+        // (see crate::flow), never russh's connection loop.
+        let pump_in = async {
+            let mut stdin_open = true;
+            loop {
+                match inbox.next().await {
+                    Input::Data(data) => {
+                        link.touch();
+                        bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        // A process that closed its stdin: the rest of the input is dropped.
+                        if stdin_open && input.write_all(&data).await.is_err() {
+                            stdin_open = false;
+                        }
+                    }
+                    // With a terminal, EOF is a ^D the client types, sent as data; a channel EOF
+                    // (`ssh -tt < /dev/null`) must not end the attach, which Docker would treat as
+                    // the end of the session. Without one, it is the command's stdin closing.
+                    Input::Eof if !tty => {
+                        let _ = input.shutdown().await;
+                    }
+                    Input::Eof => {}
+                    Input::Resize(cols, rows) => {
+                        if let Some(recorder) = &recorder {
+                            lock(recorder).resize(cols, rows);
+                        }
+                        let _ = processes.resize(cols, rows).await;
+                    }
+                    Input::Closed => return,
+                }
+            }
+        };
+        let mut watchdog = tokio::time::interval(WATCHDOG_INTERVAL);
+        tokio::pin!(pump_out, pump_in);
         loop {
-            match inbox.next().await {
-                Input::Data(data) => {
-                    link.touch();
-                    bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
-                    // A process that closed its stdin: the rest of the input is dropped.
-                    if stdin_open && input.write_all(&data).await.is_err() {
-                        stdin_open = false;
-                    }
-                }
-                // With a terminal, EOF is a ^D the client types, sent as data; a channel EOF
-                // (`ssh -tt < /dev/null`) must not end the attach, which Docker would treat as
-                // the end of the session. Without one, it is the command's stdin closing.
-                Input::Eof if !tty => {
-                    let _ = input.shutdown().await;
-                }
-                Input::Eof => {}
-                Input::Resize(cols, rows) => {
+            tokio::select! {
+                status = &mut pump_out => {
+                    // The recording is complete before the client learns the session is over.
                     if let Some(recorder) = &recorder {
-                        lock(recorder).resize(cols, rows);
+                        lock(recorder).finish();
                     }
-                    let _ = exec::resize(&exec_endpoint, &exec_id, cols, rows).await;
+                    finish(to_client, status).await;
+                    break Exit::Code(status);
                 }
-                Input::Closed => return,
+                () = &mut pump_in => break Exit::ClientGone,
+                () = inbox.closed() => break Exit::ClientGone,
+                () = link.closed() => break Exit::ClientGone,
+                why = link.ending() => {
+                    say(to_client, why.message(), tty).await;
+                    finish(to_client, 255).await;
+                    break Exit::EndedByServer(why);
+                }
+                _ = watchdog.tick() => {
+                    if inbox.stuck() {
+                        tracing::warn!(peer = %request.peer, bench = %bench_name, "session input stuck");
+                        link.request_end(Ended::Stuck);
+                    }
+                }
+                notice = notices.recv() => match notice {
+                    // Warnings are for people at a terminal; a script's stderr is left alone.
+                    Ok(Notice::Warn(text)) if tty => say(to_client, &text, tty).await,
+                    Ok(Notice::Warn(_)) => {}
+                    Ok(Notice::Tell(text)) => say(to_client, &text, tty).await,
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => break Exit::ClientGone,
+                },
             }
         }
     };
-    let mut watchdog = tokio::time::interval(WATCHDOG_INTERVAL);
-    tokio::pin!(pump_out, pump_in);
-    let exit = loop {
-        tokio::select! {
-            status = &mut pump_out => {
-                // The recording is complete before the client learns the session is over.
-                if let Some(recorder) = &recorder {
-                    lock(recorder).finish();
-                }
-                finish(to_client, status).await;
-                break Exit::Code(status);
-            }
-            () = &mut pump_in => break Exit::ClientGone,
-            () = inbox.closed() => break Exit::ClientGone,
-            () = link.closed() => break Exit::ClientGone,
-            why = link.ending() => {
-                say(to_client, why.message(), tty).await;
-                finish(to_client, 255).await;
-                break Exit::EndedByServer(why);
-            }
-            _ = watchdog.tick() => {
-                if inbox.stuck() {
-                    tracing::warn!(peer = %request.peer, bench = %bench_name, "session input stuck");
-                    link.request_end(Ended::Stuck);
-                }
-            }
-            notice = notices.recv() => match notice {
-                // Warnings are for people at a terminal; a script's stderr is left alone.
-                Ok(Notice::Warn(text)) if tty => say(to_client, &text, tty).await,
-                Ok(Notice::Warn(_)) => {}
-                Ok(Notice::Tell(text)) => say(to_client, &text, tty).await,
-                Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => break Exit::ClientGone,
-            },
-        }
-    };
-    let cleaned_up = matches!(exit, Exit::Code(code) if exec::wrapper_cleaned_up(code));
     let (bytes_in, bytes_out) = (
         bytes_in.load(Ordering::Relaxed),
         sent.bytes.load(Ordering::Relaxed),
@@ -333,22 +329,18 @@ async fn session(
     }
     app.audit.record(&event);
     // Whatever the session left running (background jobs, a process the client abandoned)
-    // ends with it. A command that exited normally had its wrapper do that already.
-    if !cleaned_up {
-        teardown(app, endpoint, bench.container.clone(), spec.user, marker);
-    }
+    // ends with it.
+    let status = match exit {
+        Exit::Code(code) => Some(code),
+        Exit::ClientGone | Exit::EndedByServer(_) => None,
+    };
+    processes.end(status, &app.tracker);
 }
 
 /// The exit status to report once the output has ended; tells the user when the container
 /// itself went away.
-async fn exit_status(
-    endpoint: &crate::docker::Endpoint,
-    exec_id: &str,
-    bench: &Bench,
-    to_client: &ChannelWriteHalf<Msg>,
-    tty: bool,
-) -> u32 {
-    let code = exec::exit_code(endpoint, exec_id).await.ok().flatten();
+async fn exit_status(processes: &Session, to_client: &ChannelWriteHalf<Msg>, tty: bool) -> u32 {
+    let code = processes.exit_code().await.ok().flatten();
     // A normal exit needs no more Docker calls; a kill may be the container going down, which
     // Docker reports a moment after the exec's end.
     if let Some(code) = code.filter(|c| (0..128).contains(c)) {
@@ -356,9 +348,7 @@ async fn exit_status(
     }
     let mut state = String::new();
     for _ in 0..10 {
-        state = exec::container_state(endpoint, &bench.container)
-            .await
-            .unwrap_or_default();
+        state = processes.container_state().await.unwrap_or_default();
         if state != "running" {
             let message = format!(
                 "benchgate: the bench container stopped during the session (status: {state})"
@@ -374,7 +364,7 @@ async fn exit_status(
 
 /// A recording of this PTY session when `session.record_dir` is set; a failure to start one
 /// is logged and counted, and the session goes on.
-fn record(app: &App, request: &Request, marker: &str) -> Option<Arc<Mutex<Recorder>>> {
+fn record(app: &App, request: &Request, tag: &str) -> Option<Arc<Mutex<Recorder>>> {
     let settings = app.settings();
     let (Some(dir), Some(pty)) = (&settings.session.record_dir.0, &request.pty) else {
         return None;
@@ -384,11 +374,10 @@ fn record(app: &App, request: &Request, marker: &str) -> Option<Arc<Mutex<Record
         request.grant.bench,
         auth::bounded(&request.grant.key_id)
     );
-    let id = &marker[..8];
     match Recorder::create(
         dir,
         &request.grant.bench,
-        id,
+        tag,
         pty.cols,
         pty.rows,
         &pty.term,
@@ -453,32 +442,8 @@ async fn copy_flushed(
     Ok(copied)
 }
 
-fn teardown(
-    app: &Arc<App>,
-    endpoint: Arc<crate::docker::Endpoint>,
-    container: String,
-    user: String,
-    marker: String,
-) {
-    app.tracker.spawn(async move {
-        // An engine hiccup must not leave the session's processes running: retry, bounded.
-        for attempt in 1..=TEARDOWN_ATTEMPTS {
-            match exec::terminate(&endpoint, &container, &user, &marker).await {
-                Ok(()) => return,
-                Err(e) => {
-                    metrics::docker_error(e.op());
-                    tracing::warn!(%container, attempt, error = %e, "session teardown failed");
-                }
-            }
-            tokio::time::sleep(Duration::from_secs(attempt.into())).await;
-        }
-        tracing::error!(%container, "session processes may still be running: teardown gave up");
-    });
-}
-
-/// What to run for `request`; `console_size` says whether the engine sets a terminal's size
-/// at creation (else the wrapper waits for it).
-fn spec(app: &App, request: &Request, bench: &Bench, marker: &str, console_size: bool) -> Spec {
+/// What to run for `request` in `bench`.
+fn plan(app: &App, request: &Request, bench: &Bench) -> Plan {
     let settings = app.settings();
     let session = &settings.session;
     let cmd = match (&request.grant.force_command, &request.command) {
@@ -501,21 +466,16 @@ fn spec(app: &App, request: &Request, bench: &Bench, marker: &str, console_size:
     env.push(format!("BENCHGATE_KEY_ID={}", request.grant.key_id));
     env.push(format!("BENCHGATE_SERIAL={}", request.grant.serial));
     env.push(format!("BENCHGATE_BENCH={}", request.grant.bench));
-    env.push(format!("{MARKER_VAR}={marker}"));
-    let size = request.pty.as_ref().map(|p| (p.cols, p.rows));
-    Spec {
-        cmd: exec::cleaning_up_after(
-            cmd,
-            size.filter(|_| !console_size),
-            session.leftovers == Leftovers::Hangup,
-        ),
+    Plan {
+        argv: cmd,
         user: bench.user.clone().unwrap_or_else(|| session.user.clone()),
         workdir: bench
             .workdir
             .clone()
             .unwrap_or_else(|| session.working_dir.clone()),
         env,
-        tty: size,
+        tty: request.pty.as_ref().map(|p| (p.cols, p.rows)),
+        hangup: session.leftovers == Leftovers::Hangup,
     }
 }
 
@@ -531,11 +491,6 @@ fn leftovers_reported(tail: &[u8]) -> Option<u32> {
     let (count, rest) = rest.split_once(' ')?;
     rest.starts_with("background process")
         .then(|| count.parse().ok())?
-}
-
-fn session_marker() -> String {
-    let bytes: [u8; 16] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn session_event(kind: Kind, request: &Request, bench: &Bench) -> Event {
