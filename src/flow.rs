@@ -101,6 +101,7 @@ impl Flow {
     /// trips stay few instead of spinning at the speed of the link.
     pub fn stalled(&self) -> bool {
         self.throttled.load(Ordering::Relaxed)
+            && self.held.load(Ordering::Relaxed) > 0
             && self
                 .now_ms()
                 .saturating_sub(self.taken_ms.load(Ordering::Relaxed))
@@ -234,8 +235,13 @@ impl Inbox {
     }
 
     /// The client closed the channel: the session ends.
+    /// What it still held is dropped (the session is over) and no longer counts.
     pub fn close(&self) {
-        self.lock().closed = true;
+        let mut held = self.lock();
+        held.closed = true;
+        held.chunks.clear();
+        self.flow.sub(std::mem::take(&mut held.bytes));
+        drop(held);
         self.closed.cancel();
         self.ready.notify_one();
     }
@@ -290,12 +296,15 @@ impl Inbox {
         self.lock().bytes >= self.flow.budgets().per_channel
     }
 
-    /// Whether input held over budget has not moved for `stuck_after`.
+    /// Whether input held over this channel's or this connection's budget has not moved for
+    /// `stuck_after`. (All connections together being over theirs is no one session's doing.)
     pub fn stuck(&self) -> bool {
         let held = self.lock();
+        let budgets = self.flow.budgets();
         held.bytes > 0
-            && (held.bytes >= self.flow.budgets().per_channel || self.flow.over_budget())
-            && held.progress.elapsed() >= self.flow.budgets().stuck_after
+            && (held.bytes >= budgets.per_channel
+                || self.flow.held.load(Ordering::Relaxed) >= budgets.per_connection)
+            && held.progress.elapsed() >= budgets.stuck_after
     }
 }
 
@@ -329,14 +338,26 @@ mod tests {
         inbox.resize(100, 30);
         inbox.eof();
         inbox.push(b"cd").unwrap();
-        inbox.close();
         assert_eq!(pool.held(), 4);
         assert_eq!(inbox.next().await, Input::Resize(100, 30));
         assert_eq!(inbox.next().await, Input::Data(Bytes::from_static(b"ab")));
         assert_eq!(inbox.next().await, Input::Data(Bytes::from_static(b"cd")));
         assert_eq!(inbox.next().await, Input::Eof);
-        assert_eq!(inbox.next().await, Input::Closed);
         assert_eq!(pool.held(), 0);
+        inbox.close();
+        assert_eq!(inbox.next().await, Input::Closed);
+    }
+
+    #[tokio::test]
+    async fn closing_drops_what_was_held() {
+        let pool = Arc::new(Pool::new(budgets()));
+        let inbox = Inbox::new(Flow::new(pool.clone()));
+        inbox.push(b"abc").unwrap();
+        inbox.close();
+        assert_eq!(pool.held(), 0);
+        inbox.push(b"more").unwrap();
+        assert_eq!(pool.held(), 0);
+        assert_eq!(inbox.next().await, Input::Closed);
     }
 
     #[tokio::test]

@@ -57,7 +57,7 @@ pub const HANDSHAKE_SECONDS: &str = "benchgate_handshake_seconds";
 pub const CERT_REMAINING_SECONDS: &str = "benchgate_cert_remaining_seconds";
 
 /// The `op` values of [`DOCKER_ERRORS_TOTAL`].
-const DOCKER_OPS: [&str; 8] = [
+const DOCKER_OPS: [&str; 9] = [
     "connect",
     "version",
     "list",
@@ -66,6 +66,7 @@ const DOCKER_OPS: [&str; 8] = [
     "exec_start",
     "exec_resize",
     "exec_inspect",
+    "exec_teardown",
 ];
 
 /// Histogram buckets for latencies, in seconds.

@@ -374,6 +374,7 @@ async fn sigterm_ends_a_flooded_stopped_client_within_the_grace() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(status.success(), "{}", bastion.log());
+    eprintln!("daemon exited {:?} after SIGTERM", sent.elapsed());
     bench.wait_gone("yes flood").await;
     let end = wait_event(&bastion, "session.end", "shutdown", Duration::from_secs(1)).await;
     assert!(end["exit_status"].is_null(), "{end}");

@@ -144,6 +144,7 @@ async fn leftovers_holding_every_pid_are_still_ended() {
         "end",
         "i=0; while [ $i -lt 12 ]; do sleep 1106 & i=$((i+1)); done; exit 0",
     );
+    // The jobs get SIGTERM from the shell's builtin before anything is forked.
     assert!(path(&out).starts_with("end "), "{}", path(&out));
     gone(&c, "sleep 1106").await;
 }

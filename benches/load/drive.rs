@@ -152,6 +152,56 @@ impl Target {
         }
     }
 
+    /// Sends `bytes` zeros through `cat` (stdin in, stdout out, at once); returns the bytes
+    /// that came back.
+    pub async fn cat(&self, bytes: u64) -> anyhow::Result<u64> {
+        async fn feed(
+            mut input: impl tokio::io::AsyncWrite + Unpin,
+            bytes: u64,
+        ) -> anyhow::Result<()> {
+            let block = vec![0u8; 32 * 1024];
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(block.len() as u64) as usize;
+                input.write_all(&block[..n]).await?;
+                left -= n as u64;
+            }
+            input.shutdown().await?;
+            Ok(())
+        }
+        match self {
+            Target::Ssh(ssh) => {
+                let handle = ssh.login().await?;
+                let channel = handle.channel_open_session().await?;
+                channel.exec(true, "cat").await?;
+                let (mut read, write) = channel.split();
+                let writer = tokio::spawn(feed(write.make_writer(), bytes));
+                let mut seen = 0u64;
+                while let Some(message) = read.wait().await {
+                    match message {
+                        ChannelMsg::Data { data } => seen += data.len() as u64,
+                        ChannelMsg::Close | ChannelMsg::Eof => break,
+                        _ => {}
+                    }
+                }
+                writer.await??;
+                disconnect(handle).await;
+                Ok(seen)
+            }
+            Target::Floor {
+                endpoint,
+                container,
+            } => {
+                let started = Exec::start(endpoint.clone(), container, &spec("cat", false)).await?;
+                let writer = tokio::spawn(feed(started.input, bytes));
+                let seen =
+                    exec::demux(started.output, tokio::io::sink(), tokio::io::sink()).await?;
+                writer.await??;
+                Ok(seen)
+            }
+        }
+    }
+
     /// Starts `command` (a login shell when `None`) with an 80x24 terminal.
     pub async fn terminal(&self, command: Option<&str>) -> anyhow::Result<Terminal> {
         let (tx, output) = tokio::sync::mpsc::channel::<Vec<u8>>(64);

@@ -26,6 +26,8 @@ struct Plan {
     handshakes: usize,
     sessions: usize,
     bulk_bytes: u64,
+    /// Bytes sent through `cat` (and back) per session.
+    cat_bytes: u64,
     keys: usize,
     idle: usize,
     idle_sshd: usize,
@@ -49,6 +51,7 @@ impl Plan {
             handshakes: 200,
             sessions: 64,
             bulk_bytes: 1 << 30,
+            cat_bytes: 256 << 20,
             keys: 1000,
             idle: 500,
             idle_sshd: 100,
@@ -62,6 +65,7 @@ impl Plan {
             handshakes: 4,
             sessions: 4,
             bulk_bytes: 1 << 20,
+            cat_bytes: 1 << 20,
             keys: 10,
             idle: 4,
             idle_sshd: 4,
@@ -147,6 +151,7 @@ async fn measure(lab: &Lab, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
     }
     if plan.wants("throughput") {
         figures.push(throughput(&targets, plan).await?);
+        figures.push(cat_throughput(&targets, plan).await?);
     }
     if plan.wants("echo") {
         figures.push(echo(&targets, plan).await?);
@@ -252,6 +257,30 @@ async fn throughput(targets: &Targets, plan: &Plan) -> anyhow::Result<Figure> {
         }
     }
     Ok(throughput)
+}
+
+/// `plan.cat_bytes` through `cat`, in and out at once, MB/s each way.
+async fn cat_throughput(targets: &Targets, plan: &Plan) -> anyhow::Result<Figure> {
+    let mut figure = Figure::median(format!(
+        "cat both ways, {} MiB in and out, MB/s",
+        plan.cat_bytes >> 20
+    ))
+    .goal(Goal::ShareOfFloorAndSshd(0.9));
+    for round in 0..plan.rounds {
+        for (who, target) in in_turn(targets, round) {
+            settle().await;
+            let started = Instant::now();
+            let seen = target.cat(plan.cat_bytes).await?;
+            let elapsed = started.elapsed();
+            ensure!(
+                seen == plan.cat_bytes,
+                "{who:?}: cat gave back {seen} of {} bytes",
+                plan.cat_bytes
+            );
+            figure.add(*who, seen as f64 / elapsed.as_secs_f64() / 1e6);
+        }
+    }
+    Ok(figure)
 }
 
 /// A key typed into `cat` in a terminal, until its echo is back.

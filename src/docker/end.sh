@@ -44,3 +44,5 @@ while [ $round -lt 30 ]; do
   sleep 0.1 2>/dev/null || sleep 1
   round=$((round+1))
 done
+# Still there after a second of SIGKILL (another user's, or stuck in the kernel): say so.
+exit 1

@@ -245,9 +245,26 @@ pub async fn terminate(
         .await?;
     // Wait for the script to finish: its (empty) output stream closes when it exits.
     let mut sink = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut sink)).await;
-    Ok(())
+    let finished = tokio::time::timeout(END_SCRIPT_WAIT, stream.read_to_end(&mut sink)).await;
+    let code = match finished {
+        Ok(_) => exit_code(endpoint, &created.id).await?,
+        Err(_) => None,
+    };
+    match code {
+        Some(0) => Ok(()),
+        code => Err(Error::Api {
+            endpoint: endpoint.url.clone(),
+            op: "exec_teardown",
+            reason: code.map_or_else(
+                || "the end script did not finish".to_owned(),
+                |c| format!("the end script exited {c}: processes are left"),
+            ),
+        }),
+    }
 }
+
+/// How long the end script may take (it gives up after about 3 s of looking).
+const END_SCRIPT_WAIT: Duration = Duration::from_secs(10);
 
 /// Largest write to the client: one SSH data packet of the usual 32 KiB maximum.
 pub const CHUNK_BYTES: usize = 32 * 1024;

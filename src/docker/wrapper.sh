@@ -53,12 +53,13 @@ stat_fields /proc/1/stat
 init_session=$session
 [ -n "$init_session" ] || started=
 
-# Init's new children that belong to this session, and their names.
-leftovers=; names=
+# Init's new children that seem to belong to this session, and those of them in the wrapper's
+# own session (plain background jobs: certainly this session's).
+leftovers=; own=
 add_name() { case ", $names, " in *", $1, "*) ;; *) names="${names:+$names, }$1" ;; esac; }
 looks=0; again=; zombies=
 while [ -n "$started" ] && [ $looks -lt 3 ]; do
-  looks=$((looks+1)); again=; leftovers=; names=
+  looks=$((looks+1)); again=; leftovers=; own=
   __benchgate_init_children
   # Under an init that never reaps, children only ever grow at the end of the list.
   case "$__benchgate_children" in
@@ -75,17 +76,16 @@ while [ -n "$started" ] && [ $looks -lt 3 ]; do
     [ "$state" = Z ] && { zombies="$zombies $pid "; again=1; continue; }
     # In init's session: not this session's.
     [ "$session" = "$init_session" ] && continue
+    [ "$session" = "$own_session" ] && own="$own $pid"
     if [ "$session" != "$own_session" ] && [ "$session" != "$pid" ]; then
       # In the session of another exec's live main process (its parent is outside).
       leader=$session
       stat_fields "/proc/$leader/stat"
       [ "$parent" = 0 ] && continue
     fi
-    # A leftover of this session. Its name is read with builtins too: when leftovers hold
-    # every PID the container may have, nothing can be forked until they are gone.
+    # A leftover of this session, most likely (a process init started itself in a session of
+    # its own looks the same: the marker decides below).
     leftovers="$leftovers $pid"
-    name=; { read -r name < "/proc/$pid/comm"; } 2>/dev/null
-    add_name "${name:-?}"
   done
   # Something moved during the look: look again, unless leftovers are found already.
   [ -n "$again" ] && [ -z "$leftovers" ] || break
@@ -97,37 +97,40 @@ if [ -n "$started" ] && [ -z "$leftovers" ]; then
   exit $status
 fi
 
-if [ -z "$started" ] || [ "$__benchgate_leftovers" = hangup ]; then
-  # Init's children could not tell, or a hangup goes to every process of the session: list
-  # them by marker (this forks).
-  found=$(sh -c "$__benchgate_end_script" benchgate-end "$marker" $$ list </dev/null 2>/dev/null)
-  [ -z "$found" ] || { leftovers=; names=; }
-  while read -r pid name; do
-    [ -n "$pid" ] || continue
-    leftovers="$leftovers $pid"; add_name "$name"
-  done <<LIST
+# From here on processes are started, and in a container out of PIDs a failed fork ends this
+# shell with status 2 (no trap runs). So the plain background jobs are named and sent SIGTERM
+# with builtins first: that frees their PIDs.
+names=; count=0
+# A hangup goes to every process of the session, found by marker below.
+[ "$__benchgate_leftovers" = hangup ] && own=
+if [ -n "$own" ]; then
+  for pid in $own; do
+    name=; { read -r name < "/proc/$pid/comm"; } 2>/dev/null
+    count=$((count+1)); add_name "${name:-?}"
+  done
+  kill -TERM $own 2>/dev/null
+fi
+# Everything else that carries this session's marker.
+found=$(sh -c "$__benchgate_end_script" benchgate-end "$marker" $$ list </dev/null 2>/dev/null)
+pids=
+while read -r pid name; do
+  case " $own " in *" $pid "*) continue ;; esac
+  [ -n "$pid" ] || continue
+  pids="$pids $pid"; count=$((count+1)); add_name "$name"
+done <<LIST
 $found
 LIST
-fi
-set -f; set -- $leftovers; set +f
-count=$#
 noun=processes; [ $count = 1 ] && noun=process
 if [ "$__benchgate_leftovers" = hangup ]; then
   trace "hangup $count"
   [ $count -gt 0 ] || exit $status
   printf 'benchgate: sent a hangup to %s background %s left by this session (%s)\n' "$count" "$noun" "$names" >&2
-  kill -HUP $leftovers 2>/dev/null
+  kill -HUP $pids 2>/dev/null
   exit $status
 fi
 trace "end $count"
-if [ $count -gt 0 ]; then
-  printf 'benchgate: ended %s background %s left by this session (%s)\n' "$count" "$noun" "$names" >&2
-  # A builtin, so that it works when no process can be started: their PIDs come free.
-  kill -TERM $leftovers 2>/dev/null
-fi
-# The rest (their children, what ignores TERM, hand-offs) is ended in the background by
-# marker, so that the session ends now.
+[ $count -gt 0 ] && printf 'benchgate: ended %s background %s left by this session (%s)\n' "$count" "$noun" "$names" >&2
+# The rest (what ignores TERM, children, hand-offs) is ended by marker in the background, so
+# that the session ends now.
 sh -c "$__benchgate_end_script" benchgate-end "$marker" $$ </dev/null >/dev/null 2>&1 &
-# Not even that could start: benchgate's teardown has to (an exit status of 128 or more).
-[ -n "${!:-}" ] || exit 255
 exit $status

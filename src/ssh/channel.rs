@@ -1,6 +1,7 @@
 //! One SSH session channel <-> one process in the bench container: start, pumps both ways,
 //! window changes, exit status, and teardown of everything the session started.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -65,7 +66,7 @@ impl Request {
 
 /// How long one write to the client may wait (a notice, the exit status, EOF and close):
 /// a client that does not read for that long loses the write, and the ladder goes on.
-const WRITE_LIMIT: Duration = Duration::from_secs(2);
+const WRITE_LIMIT: Duration = Duration::from_secs(1);
 /// How often a session checks whether its input is stuck.
 const WATCHDOG_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -101,10 +102,11 @@ impl Exit {
     }
 }
 
-/// Writes `message` as one stderr line, then exit status 1, EOF and close.
-pub async fn refuse(to_client: &ChannelWriteHalf<Msg>, message: &str, tty: bool) {
+/// Writes `message` as one stderr line, then exit status 1, EOF and close, waiting for the
+/// client no longer than `link`'s connection lasts.
+pub async fn refuse(to_client: &ChannelWriteHalf<Msg>, message: &str, tty: bool, link: &Link) {
     say(to_client, message, tty).await;
-    finish(to_client, 1).await;
+    finish(to_client, 1, link.ended()).await;
 }
 
 /// Writes `message` as one line on the client's stderr (bounded by [`WRITE_LIMIT`]).
@@ -119,21 +121,26 @@ async fn say(to_client: &ChannelWriteHalf<Msg>, message: &str, tty: bool) {
     .await;
 }
 
-/// Sends the exit status, EOF and close (bounded by [`WRITE_LIMIT`]).
-async fn finish(to_client: &ChannelWriteHalf<Msg>, status: u32) {
-    let _ = tokio::time::timeout(WRITE_LIMIT, async {
-        let _ = to_client.exit_status(status).await;
-        let _ = to_client.eof().await;
-        let _ = to_client.close().await;
-    })
-    .await;
+/// Sends the exit status, EOF and close, giving up when `until` resolves. After a normal end
+/// that is the connection ending: a client that reads gets them however slow its link (russh
+/// queues them behind the output), and one that reads nothing is cut by the socket's own write
+/// deadline. When the server ends the session, [`WRITE_LIMIT`].
+async fn finish(to_client: &ChannelWriteHalf<Msg>, status: u32, until: impl Future<Output = ()>) {
+    tokio::select! {
+        () = async {
+            let _ = to_client.exit_status(status).await;
+            let _ = to_client.eof().await;
+            let _ = to_client.close().await;
+        } => {}
+        () = until => {}
+    }
 }
 
 /// Refuses a session that cannot start: logged, counted, and `message` told to the person.
 async fn unavailable(request: &Request, to_client: &ChannelWriteHalf<Msg>, message: &str) {
     tracing::info!(peer = %request.peer, bench = %request.grant.bench, reason = message, "session not started");
     metrics::session_ended(request.kind(), "error", Duration::ZERO, 0, 0);
-    refuse(to_client, message, request.pty.is_some()).await;
+    refuse(to_client, message, request.pty.is_some(), &request.link).await;
 }
 
 /// Runs `request` until the process ends, the client goes away or the server ends it; the
@@ -283,7 +290,7 @@ async fn session(
                     if let Some(recorder) = &recorder {
                         lock(recorder).finish();
                     }
-                    finish(to_client, status).await;
+                    finish(to_client, status, link.ended()).await;
                     break Exit::Code(status);
                 }
                 () = &mut pump_in => break Exit::ClientGone,
@@ -291,7 +298,7 @@ async fn session(
                 () = link.closed() => break Exit::ClientGone,
                 why = link.ending() => {
                     say(to_client, why.message(), tty).await;
-                    finish(to_client, 255).await;
+                    finish(to_client, 255, tokio::time::sleep(WRITE_LIMIT)).await;
                     break Exit::EndedByServer(why);
                 }
                 _ = watchdog.tick() => {

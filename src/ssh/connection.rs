@@ -73,12 +73,17 @@ pub(super) async fn run(
             interval * KEEPALIVE_MAX
         });
     let flow = Flow::new(app.input.clone());
+    let silence = app.server.keepalive_interval.nonzero().map(|interval| {
+        let limit = interval * (KEEPALIVE_MAX + 1);
+        (limit, Box::pin(tokio::time::sleep(limit)))
+    });
     let stream = Guarded {
         inner: stream,
         killed: Box::pin(kill.clone().cancelled_owned()),
         watch: Watch::new(&sink),
         stall_limit,
         stalled: None,
+        silence,
         link: link.clone(),
         flow: flow.clone(),
         pause: None,
@@ -229,6 +234,10 @@ struct Guarded {
     watch: Watch,
     stall_limit: Duration,
     stalled: Option<Pin<Box<Sleep>>>,
+    /// With keepalives on, a live client sends something at least every keepalive interval:
+    /// reads that see nothing for longer than keepalives may go unanswered fail (russh, once
+    /// it has sent a disconnect, would otherwise wait for the client's EOF for good).
+    silence: Option<(Duration, Pin<Box<Sleep>>)>,
     link: Arc<Link>,
     flow: Arc<Flow>,
     pause: Option<Pin<Box<Sleep>>>,
@@ -257,7 +266,25 @@ impl AsyncRead for Guarded {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         self.check(cx)?;
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Some((limit, silence)) = &mut this.silence {
+            match &read {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                    silence.as_mut().reset(tokio::time::Instant::now() + *limit);
+                }
+                Poll::Pending if silence.as_mut().poll(cx).is_ready() => {
+                    this.link.request_end(Ended::Unresponsive);
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client sent nothing for longer than its keepalives allow",
+                    )));
+                }
+                _ => {}
+            }
+        }
+        read
     }
 }
 

@@ -134,8 +134,9 @@ impl Handler {
         session.channel_success(channel)?;
         let tty = pending.pty.is_some();
         let permit = pending.permit;
+        let link = self.link.clone();
         self.app.tracker.spawn(async move {
-            channel::refuse(&pending.to_client, message, tty).await;
+            channel::refuse(&pending.to_client, message, tty, &link).await;
             pending.inbox.close();
             drop(permit);
         });
@@ -307,7 +308,9 @@ impl russh::server::Handler for Handler {
             return Ok(());
         };
         if let Err(violation) = inbox.push(data) {
-            tracing::warn!(peer = %self.peer, error = %violation, "client ignored its window");
+            if self.link.requested().is_none() {
+                tracing::warn!(peer = %self.peer, error = %violation, "client ignored its window");
+            }
             self.link.request_end(Ended::ProtocolViolation);
         }
         Ok(())
@@ -337,6 +340,8 @@ impl russh::server::Handler for Handler {
     }
 
     fn adjust_window(&mut self, _channel: ChannelId, _current: u32) -> u32 {
+        // Channels whose sessions ended (russh reports no close for channels we closed).
+        self.inboxes.retain(|_, inbox| !inbox.is_closed());
         self.flow
             .window_target(self.inboxes.values().map(|inbox| &**inbox))
     }

@@ -177,6 +177,14 @@ impl Link {
         *lock(&self.ending.1)
     }
 
+    /// Resolves once the sessions must end or the connection is over.
+    pub async fn ended(&self) {
+        tokio::select! {
+            () = self.ending.0.cancelled() => {}
+            () = self.gone.cancelled() => {}
+        }
+    }
+
     /// Marks the connection as over: sessions still running stop waiting on the client.
     pub fn close(&self) {
         self.gone.cancel();
