@@ -17,6 +17,7 @@ need stunnel stunnel4
 need openssl openssl
 need systemd-analyze systemd
 need sftp openssh-client
+need python3 python3
 [ -x /bin/busybox ] || need_apt+=(busybox-static)
 # The load harness's baseline (benches/load): OpenSSH sshd as the usual bench bastion.
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
@@ -42,5 +43,12 @@ for tool in cargo ssh ssh-keygen sftp scp rsync tmux socat stunnel openssl syste
 done
 [ -x /bin/busybox ] || { echo "setup: /bin/busybox (busybox-static) is required but missing" >&2; exit 1; }
 [ -x /usr/sbin/sshd ] || { echo "setup: /usr/sbin/sshd (openssh-server) is required but missing" >&2; exit 1; }
+# A second SSH client implementation for the liveness tests (PyPI).
+if ! python3 -c 'import asyncssh' >/dev/null 2>&1; then
+  echo "setup: installing asyncssh (PyPI)" >&2
+  python3 -m pip install -q asyncssh || python3 -m pip install -q --break-system-packages asyncssh \
+    || { echo "setup: cannot install asyncssh with pip (python3 -m pip)" >&2; exit 1; }
+fi
+python3 -c 'import asyncssh' >/dev/null 2>&1 || { echo "setup: python3 module asyncssh is required but missing" >&2; exit 1; }
 docker_ok || { echo "setup: the Docker engine does not answer (see /tmp/benchgate-dockerd.log); start it with: dockerd &" >&2; exit 1; }
 bash "$(dirname "$0")/bench-image.sh"

@@ -381,6 +381,73 @@ pub async fn supervise(
 mod tests {
     use super::*;
 
+    /// supervise measures on tokio's clock from the Unix time it is given: with the clock
+    /// paused, 700 seconds of a certificate's life pass at once.
+    #[tokio::test(start_paused = true)]
+    async fn expiry_warns_then_ends_on_tokios_clock() {
+        use ssh_key::certificate::{Builder, CertType};
+        use ssh_key::{Algorithm, PrivateKey};
+        const NOW: u64 = 1_800_000_000;
+        let mut rng = rand::rng();
+        let ca = PrivateKey::random(&mut rng, Algorithm::Ed25519).expect("ca");
+        let user = PrivateKey::random(&mut rng, Algorithm::Ed25519).expect("user");
+        let mut builder = Builder::new(
+            [1; 32],
+            user.public_key().key_data().clone(),
+            NOW - 60,
+            NOW + 700,
+        )
+        .expect("builder");
+        builder.cert_type(CertType::User).expect("type");
+        builder.valid_principal("shop").expect("principal");
+        let cert = builder.sign(&ca).expect("sign");
+        let config = crate::config::Config::default();
+        let settings = Settings {
+            trust: crate::auth::Trust::new([ca.public_key().key_data().clone()], None),
+            session: config.session.clone(),
+            expiry_warnings: vec![Duration::from_secs(600), Duration::from_secs(60)],
+            disconnect_on_expiry: true,
+            idle_timeout: None,
+        };
+        let app = App::new(
+            &config,
+            tokio::sync::watch::Sender::new(Arc::new(settings)),
+            crate::audit::Audit::open(None).expect("audit"),
+            Vec::new(),
+            Arc::new(crate::docker::Index::from_config(&config.docker).expect("index")),
+        );
+        let grant = Grant {
+            bench: "shop".into(),
+            key_id: "k".into(),
+            serial: 1,
+            ca: "ca".into(),
+            valid_before: NOW + 700,
+            force_command: None,
+            permit_pty: true,
+            via_group: None,
+            certificate: Arc::new(cert),
+        };
+        let link = Link::default();
+        let mut notices = link.subscribe();
+        let started = Instant::now();
+        let ended = supervise(
+            &app,
+            &grant,
+            &link,
+            std::future::pending(),
+            &CancellationToken::new(),
+            NOW,
+        )
+        .await;
+        assert_eq!(ended, Ended::Expired);
+        assert_eq!(started.elapsed().as_secs(), 700);
+        let warn =
+            |text: &str| Notice::Warn(format!("benchgate: your certificate expires in {text}"));
+        assert_eq!(notices.try_recv().ok(), Some(warn("10 minutes")));
+        assert_eq!(notices.try_recv().ok(), Some(warn("1 minute")));
+        assert!(notices.try_recv().is_err());
+    }
+
     #[test]
     fn lead_times_are_spoken() {
         assert_eq!(spoken(Duration::from_secs(600)), "10 minutes");
