@@ -253,7 +253,7 @@ fn rss(pid: u32) -> usize {
 async fn a_stuck_channel_leaves_its_sibling_working_and_memory_bounded_then_ends() {
     let bench = Container::start(&[]);
     let bastion = Bastion::spawn(|_, config| {
-        config.server.stuck_timeout = Span(Duration::from_secs(4));
+        config.server.stuck_timeout = Span(Duration::from_secs(8));
     })
     .await;
     let key = bastion.user_with_cert("user", "ca", &["-n", &bench.bench, "-V", VALID]);

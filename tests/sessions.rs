@@ -170,20 +170,30 @@ struct Tmux(String);
 impl Tmux {
     fn start(command: &str) -> Self {
         let name = format!("bg-{:x}", rand::random::<u64>());
-        run(
-            "tmux",
-            &[
-                "new-session",
-                "-d",
-                "-s",
-                &name,
-                "-x",
-                "100",
-                "-y",
-                "30",
-                command,
-            ],
-        );
+        let args = [
+            "new-session",
+            "-d",
+            "-s",
+            &name,
+            "-x",
+            "100",
+            "-y",
+            "30",
+            command,
+        ];
+        // Tests share tmux's server, which exits with its last session: a new session can
+        // race that exit ("server exited unexpectedly"). Try again, bounded.
+        for _ in 0..5 {
+            let out = std::process::Command::new("tmux")
+                .args(args)
+                .output()
+                .unwrap();
+            if out.status.success() {
+                return Self(name);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        run("tmux", &args);
         Self(name)
     }
 

@@ -32,8 +32,9 @@ use crate::metrics::{self, Outcome};
 /// How long the sessions of an ending connection get to tell the person and close their
 /// channels (each of their writes is bounded by a second or so).
 const SESSIONS_LIMIT: Duration = Duration::from_secs(3);
-/// How long the disconnect message, and russh's ending after it, may take.
+/// How long the disconnect message may wait to be queued.
 const DISCONNECT_LIMIT: Duration = Duration::from_secs(1);
+/// How long russh gets to send it and end after it.
 const CLOSE_LIMIT: Duration = Duration::from_secs(2);
 /// How long russh's task gets to notice its socket was cut.
 const CUT_LIMIT: Duration = Duration::from_secs(3);
