@@ -10,6 +10,7 @@ use russh::keys::ssh_key::{Algorithm, Certificate};
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelOpenFailure, ChannelWriteHalf};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
 
 use super::channel::{self, Pty, Request};
 use super::ledger::{reject, Ledger};
@@ -41,6 +42,8 @@ pub struct Handler {
     /// One permit per session channel open now, started or not; a started session holds
     /// its permit until its task ends (russh reports no close for channels the server closed).
     channel_permits: Arc<Semaphore>,
+    /// The connection's span: russh runs the handler in a task of its own, outside it.
+    span: tracing::Span,
 }
 
 /// A session channel between its opening and its `shell` or `exec` request.
@@ -77,6 +80,7 @@ impl Handler {
             pending: HashMap::new(),
             inboxes: HashMap::new(),
             flow,
+            span: tracing::Span::current(),
             channel_permits: Arc::new(Semaphore::new(max_channels)),
         }
     }
@@ -110,10 +114,13 @@ impl Handler {
         };
         let app = self.app.clone();
         let permit = pending.permit;
-        self.app.tracker.spawn(async move {
-            channel::run(app, request, pending.inbox, pending.to_client).await;
-            drop(permit);
-        });
+        self.app.tracker.spawn(
+            async move {
+                channel::run(app, request, pending.inbox, pending.to_client).await;
+                drop(permit);
+            }
+            .instrument(self.span.clone()),
+        );
         Ok(())
     }
 
@@ -135,11 +142,14 @@ impl Handler {
         let tty = pending.pty.is_some();
         let permit = pending.permit;
         let link = self.link.clone();
-        self.app.tracker.spawn(async move {
-            channel::refuse(&pending.to_client, message, tty, &link).await;
-            pending.inbox.close();
-            drop(permit);
-        });
+        self.app.tracker.spawn(
+            async move {
+                channel::refuse(&pending.to_client, message, tty, &link).await;
+                pending.inbox.close();
+                drop(permit);
+            }
+            .instrument(self.span.clone()),
+        );
         Ok(())
     }
 
@@ -158,7 +168,7 @@ impl Handler {
     }
 
     async fn refuse_channel(&self, request: Refused, reply: ChannelOpenHandle, message: &str) {
-        self.refuse_request(request);
+        self.span.in_scope(|| self.refuse_request(request));
         reply
             .reject(ChannelOpenFailure::Other {
                 code: ChannelOpenFailure::AdministrativelyProhibited.code(),
@@ -172,11 +182,13 @@ impl russh::server::Handler for Handler {
     type Error = russh::Error;
 
     async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
+        let _span = self.span.clone().entered();
         self.admit_user(user);
         Ok(Auth::reject())
     }
 
     async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
+        let _span = self.span.clone().entered();
         self.admit_user(user);
         Ok(Auth::reject())
     }
@@ -186,6 +198,7 @@ impl russh::server::Handler for Handler {
         user: &str,
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
+        let _span = self.span.clone().entered();
         if !self.admit_user(user) {
             return Ok(Auth::reject());
         }
@@ -209,6 +222,7 @@ impl russh::server::Handler for Handler {
         user: &str,
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
+        let _span = self.span.clone().entered();
         // The OpenSSH client offers the bare key before its certificate, so this is reported
         // only if no certificate gets in (see Ledger::finish).
         tracing::debug!(peer = %self.peer, bench = %auth::bounded(user), algorithm = %key.algorithm, "plain key refused");
@@ -221,6 +235,7 @@ impl russh::server::Handler for Handler {
         user: &str,
         cert: &Certificate,
     ) -> Result<Auth, Self::Error> {
+        let _span = self.span.clone().entered();
         if !self.admit_user(user) {
             return Ok(Auth::reject());
         }
@@ -304,6 +319,7 @@ impl russh::server::Handler for Handler {
         data: &[u8],
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        let _span = self.span.clone().entered();
         let Some(inbox) = self.inboxes.get(&channel) else {
             return Ok(());
         };
@@ -376,6 +392,7 @@ impl russh::server::Handler for Handler {
         _modes: &[(russh::Pty, u32)],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        let _span = self.span.clone().entered();
         let permitted = self.grant.as_ref().is_some_and(|g| g.permit_pty);
         match self.pending.get_mut(&channel) {
             Some(pending) if permitted => {
@@ -401,6 +418,7 @@ impl russh::server::Handler for Handler {
         value: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        let _span = self.span.clone().entered();
         let settings = self.app.settings();
         let allow = &settings.session.env_allow;
         match self.pending.get_mut(&channel) {
@@ -425,6 +443,7 @@ impl russh::server::Handler for Handler {
         channel: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        let _span = self.span.clone().entered();
         self.start(channel, None, session)
     }
 
@@ -434,6 +453,7 @@ impl russh::server::Handler for Handler {
         data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        let _span = self.span.clone().entered();
         let forced = self
             .grant
             .as_ref()
@@ -463,6 +483,7 @@ impl russh::server::Handler for Handler {
         _name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        let _span = self.span.clone().entered();
         self.refuse_in_channel(channel, Refused::Subsystem, policy::FILE_TRANSFER, session)
     }
 
@@ -475,6 +496,7 @@ impl russh::server::Handler for Handler {
         _x11_screen_number: u32,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        let _span = self.span.clone().entered();
         self.refuse_request(Refused::X11);
         session.channel_failure(channel)?;
         Ok(())
@@ -485,6 +507,7 @@ impl russh::server::Handler for Handler {
         _channel: ChannelId,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
+        let _span = self.span.clone().entered();
         self.refuse_request(Refused::Agent);
         Ok(false)
     }
@@ -535,6 +558,7 @@ impl russh::server::Handler for Handler {
         _port: &mut u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
+        let _span = self.span.clone().entered();
         self.refuse_request(Refused::TcpipForward);
         Ok(false)
     }
@@ -544,6 +568,7 @@ impl russh::server::Handler for Handler {
         _socket_path: &str,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
+        let _span = self.span.clone().entered();
         self.refuse_request(Refused::StreamlocalForward);
         Ok(false)
     }
