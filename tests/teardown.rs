@@ -176,9 +176,11 @@ async fn the_end_script_ends_a_session_that_ignores_term() {
             &c.name,
             "sh",
             "-c",
-            "sleep 1109 & trap '' TERM; sleep 1110",
+            "env -i sleep 1113 & sleep 1109 & trap '' TERM; sleep 1110",
         ],
     );
+    // Another session's process, not marked: left alone.
+    other_session(&c, "sleep 1114");
     for _ in 0..50 {
         if running(&c, "sleep 1110") {
             break;
@@ -202,6 +204,9 @@ async fn the_end_script_ends_a_session_that_ignores_term() {
     assert!(!running(&c, "sleep 1109"));
     assert!(!running(&c, "sleep 1110"));
     assert!(!running(&c, "trap"));
+    // Its environment cleared, but in the session's session.
+    assert!(!running(&c, "sleep 1113"));
+    assert!(running(&c, "sleep 1114"));
 }
 
 /// Starts `command` in `container` as another session (its own exec, its own marker).
