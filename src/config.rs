@@ -66,7 +66,7 @@ pub struct Server {
     pub input_buffer_per_connection: Size,
     /// The same for all connections.
     pub input_buffer_total: Size,
-    /// End a connection whose held input is over budget and has not moved for this long.
+    /// End a connection holding a channel's budget of input that has not moved for this long.
     pub stuck_timeout: Span,
 }
 

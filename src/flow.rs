@@ -122,10 +122,24 @@ impl Flow {
         &self.pool.budgets
     }
 
-    /// Whether this connection, or all of them, hold more than their budget.
+    /// Whether this connection holds more than its budget, or all of them hold more than
+    /// theirs and this one holds some of it (one that holds nothing, an interactive user's,
+    /// is not slowed for others' floods).
     fn over_budget(&self) -> bool {
-        self.held.load(Ordering::Relaxed) >= self.budgets().per_connection
-            || self.pool.held() >= self.budgets().total
+        let held = self.held.load(Ordering::Relaxed);
+        held >= self.budgets().per_connection
+            || (held > 0 && self.pool.held() >= self.budgets().total)
+    }
+
+    /// Whether this connection holds a channel's budget or more and none of it has moved for
+    /// `stuck_after`: a process that never reads, or input sent to a channel that never
+    /// started one.
+    pub fn stuck(&self) -> bool {
+        self.held.load(Ordering::Relaxed) >= self.budgets().per_channel
+            && self
+                .now_ms()
+                .saturating_sub(self.taken_ms.load(Ordering::Relaxed))
+                >= u64::try_from(self.budgets().stuck_after.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// The window russh should top channels up to next (the `adjust_window` hook): the full
@@ -171,8 +185,6 @@ struct Held {
     eof_taken: bool,
     closed: bool,
     size: Option<(u32, u32)>,
-    /// When input was last taken (or the inbox made).
-    progress: Instant,
 }
 
 /// One session channel's input, from the handler to the session.
@@ -195,7 +207,6 @@ impl Inbox {
                 eof_taken: false,
                 closed: false,
                 size: None,
-                progress: Instant::now(),
             }),
             ready: Notify::new(),
             flow,
@@ -272,7 +283,6 @@ impl Inbox {
                 }
                 if let Some(chunk) = held.chunks.pop_front() {
                     held.bytes -= chunk.len();
-                    held.progress = Instant::now();
                     self.flow.sub(chunk.len());
                     self.flow
                         .taken_ms
@@ -294,17 +304,6 @@ impl Inbox {
     /// Whether this channel holds more than its budget.
     fn over_budget(&self) -> bool {
         self.lock().bytes >= self.flow.budgets().per_channel
-    }
-
-    /// Whether input held over this channel's or this connection's budget has not moved for
-    /// `stuck_after`. (All connections together being over theirs is no one session's doing.)
-    pub fn stuck(&self) -> bool {
-        let held = self.lock();
-        let budgets = self.flow.budgets();
-        held.bytes > 0
-            && (held.bytes >= budgets.per_channel
-                || self.flow.held.load(Ordering::Relaxed) >= budgets.per_connection)
-            && held.progress.elapsed() >= budgets.stuck_after
     }
 }
 
@@ -398,13 +397,32 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn held_input_that_does_not_move_is_stuck() {
-        let flow = Flow::new(Arc::new(Pool::new(budgets())));
-        let inbox = Inbox::new(flow);
+        let pool = Arc::new(Pool::new(budgets()));
+        let flow = Flow::new(pool);
+        let inbox = Inbox::new(flow.clone());
         inbox.push(&[0; 100]).unwrap();
-        assert!(!inbox.stuck());
+        assert!(!flow.stuck());
         tokio::time::advance(Duration::from_secs(61)).await;
-        assert!(inbox.stuck());
+        assert!(flow.stuck());
         let _ = inbox.next().await;
-        assert!(!inbox.stuck());
+        assert!(!flow.stuck());
+    }
+
+    #[test]
+    fn a_full_pool_slows_only_connections_that_hold_input() {
+        let pool = Arc::new(Pool::new(Budgets {
+            total: 100,
+            ..budgets()
+        }));
+        let (flooding, idle) = (Flow::new(pool.clone()), Flow::new(pool.clone()));
+        let flood = Inbox::new(flooding.clone());
+        flood.push(&[0; 60]).unwrap();
+        let other = Inbox::new(Flow::new(pool.clone()));
+        other.push(&[0; 40]).unwrap();
+        assert_eq!(
+            flooding.window_target([&*flood].into_iter()),
+            THROTTLED_WINDOW
+        );
+        assert_eq!(idle.window_target(std::iter::empty()), WINDOW_BYTES);
     }
 }

@@ -67,8 +67,6 @@ impl Request {
 /// How long one write to the client may wait (a notice, the exit status, EOF and close):
 /// a client that does not read for that long loses the write, and the ladder goes on.
 const WRITE_LIMIT: Duration = Duration::from_secs(1);
-/// How often a session checks whether its input is stuck.
-const WATCHDOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -281,7 +279,6 @@ async fn session(
                 }
             }
         };
-        let mut watchdog = tokio::time::interval(WATCHDOG_INTERVAL);
         tokio::pin!(pump_out, pump_in);
         loop {
             tokio::select! {
@@ -300,12 +297,6 @@ async fn session(
                     say(to_client, why.message(), tty).await;
                     finish(to_client, 255, tokio::time::sleep(WRITE_LIMIT)).await;
                     break Exit::EndedByServer(why);
-                }
-                _ = watchdog.tick() => {
-                    if inbox.stuck() {
-                        tracing::warn!(peer = %request.peer, bench = %bench_name, "session input stuck");
-                        link.request_end(Ended::Stuck);
-                    }
                 }
                 notice = notices.recv() => match notice {
                     // Warnings are for people at a terminal; a script's stderr is left alone.

@@ -95,7 +95,7 @@ pub(super) async fn run(
         peer,
         ledger.clone(),
         link.clone(),
-        flow,
+        flow.clone(),
         slot,
         on_auth,
     );
@@ -140,9 +140,16 @@ pub(super) async fn run(
                             let _ = (&mut running).await;
                         }
                     };
-                    let why =
-                        lifetime::supervise(app, &g, &link, closed, &gate.shutdown, unix_now())
-                            .await;
+                    let why = lifetime::supervise(
+                        app,
+                        &g,
+                        &link,
+                        closed,
+                        &gate.shutdown,
+                        &flow,
+                        unix_now(),
+                    )
+                    .await;
                     grant = Some(g);
                     if why == Ended::Shutdown && !running.is_terminated() {
                         let grace = app.shutdown_grace();

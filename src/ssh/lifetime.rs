@@ -14,10 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::auth::{cert::still_valid, Grant, Rejection};
+use crate::flow::Flow;
 use crate::settings::Settings;
 
-/// How often idleness is checked.
-const IDLE_CHECK: Duration = Duration::from_secs(1);
+/// How often idleness and stuck input are checked.
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A message from the connection to its sessions, which carry on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,7 +46,7 @@ pub enum Ended {
     Idle,
     /// The bastion is shutting down.
     Shutdown,
-    /// Input held for a session was over budget and did not move for `stuck_timeout`.
+    /// Input held for the connection's sessions did not move for `stuck_timeout`.
     Stuck,
     /// The client sent more than its window allowed.
     ProtocolViolation,
@@ -320,6 +321,7 @@ pub async fn supervise(
     link: &Link,
     closed: impl std::future::Future<Output = ()>,
     shutdown: &CancellationToken,
+    flow: &Flow,
     now: u64,
 ) -> Ended {
     let start = Instant::now();
@@ -368,9 +370,12 @@ pub async fn supervise(
                     return ended;
                 }
             }
-            _ = tokio::time::sleep(IDLE_CHECK), if idle_timeout.is_some() => {
+            _ = tokio::time::sleep(CHECK_INTERVAL) => {
                 if idle_timeout.is_some_and(|limit| link.idle_for() >= limit) {
                     return Ended::Idle;
+                }
+                if flow.stuck() {
+                    return Ended::Stuck;
                 }
             }
         }
@@ -436,6 +441,7 @@ mod tests {
             &link,
             std::future::pending(),
             &CancellationToken::new(),
+            &Flow::new(app.input.clone()),
             NOW,
         )
         .await;
