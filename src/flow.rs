@@ -102,10 +102,15 @@ impl Flow {
     pub fn stalled(&self) -> bool {
         self.throttled.load(Ordering::Relaxed)
             && self.held.load(Ordering::Relaxed) > 0
-            && self
-                .now_ms()
-                .saturating_sub(self.taken_ms.load(Ordering::Relaxed))
-                >= STALLED_AFTER.as_millis() as u64
+            && self.untaken_for() >= STALLED_AFTER
+    }
+
+    /// How long since input was last taken from this connection's inboxes.
+    fn untaken_for(&self) -> Duration {
+        let ms = self
+            .now_ms()
+            .saturating_sub(self.taken_ms.load(Ordering::Relaxed));
+        Duration::from_millis(ms)
     }
 
     fn add(&self, n: usize) {
@@ -136,10 +141,7 @@ impl Flow {
     /// started one.
     pub fn stuck(&self) -> bool {
         self.held.load(Ordering::Relaxed) >= self.budgets().per_channel
-            && self
-                .now_ms()
-                .saturating_sub(self.taken_ms.load(Ordering::Relaxed))
-                >= u64::try_from(self.budgets().stuck_after.as_millis()).unwrap_or(u64::MAX)
+            && self.untaken_for() >= self.budgets().stuck_after
     }
 
     /// The window russh should top channels up to next (the `adjust_window` hook): the full

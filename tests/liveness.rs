@@ -342,13 +342,10 @@ async fn revocation_ends_a_session_whose_client_stopped_reading() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn expiry_with_a_warning_due_ends_a_paused_terminal() {
-    let bench = Container::start(&[]);
-    let bastion = Bastion::start(|_, config| {
+    let (bastion, bench, key) = bench_and_bastion(&[], &["-V", "-1m:+9s"], |_, config| {
         config.auth.expiry_warnings = vec![Span(Duration::from_secs(5))];
     })
     .await;
-    let key = bastion.user_with_cert("user", "ca", &["-n", &bench.bench, "-V", "-1m:+9s"]);
-    bastion.wait_for_bench(&bench.bench).await;
     // The warning falls due while the terminal is stopped; the expiry follows.
     stopped_reader_is_ended(&bastion, &bench, &key, &["-tt"], "expired", async {}).await;
 }
