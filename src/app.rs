@@ -13,6 +13,7 @@ use crate::config::{self, Config, Net};
 use crate::docker::Index;
 use crate::flow::{Budgets, Pool};
 use crate::limits::Quota;
+use crate::live::Registry;
 use crate::settings::Settings;
 
 /// The daemon's shared state.
@@ -35,6 +36,10 @@ pub struct App {
     pub host_keys: Vec<PrivateKey>,
     /// Client input held in all connections.
     pub input: Arc<Pool>,
+    /// The sessions running now.
+    pub live: Registry,
+    /// The `[admin]` section.
+    pub admin: config::Admin,
 }
 
 impl App {
@@ -64,6 +69,8 @@ impl App {
                 total: server.input_buffer_total.0,
                 stuck_after: server.stuck_timeout.0,
             })),
+            live: Registry::default(),
+            admin: config.admin.clone(),
         }
     }
 

@@ -10,6 +10,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::auth::bounded;
+use crate::live::Live;
 
 /// The kinds of audit event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -32,6 +33,12 @@ pub enum Kind {
     /// A connection ended.
     #[serde(rename = "connection.closed")]
     ConnectionClosed,
+    /// An operator ended a session through the admin socket.
+    #[serde(rename = "session.ended_by_operator")]
+    SessionEndedByOperator,
+    /// A request on the admin socket, allowed or not.
+    #[serde(rename = "admin.request")]
+    AdminRequest,
 }
 
 /// One audit event; absent fields are left out of the line.
@@ -41,6 +48,10 @@ pub struct Event {
     event: Kind,
     #[serde(skip_serializing_if = "Option::is_none")]
     peer: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     bench: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -73,9 +84,19 @@ impl Event {
     /// A new event of `kind` from `peer`, stamped now.
     pub fn new(kind: Kind, peer: SocketAddr) -> Self {
         Self {
+            peer: Some(peer),
+            ..Self::local(kind)
+        }
+    }
+
+    /// A new event of `kind` from this machine (the admin socket), stamped now.
+    pub fn local(kind: Kind) -> Self {
+        Self {
             ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             event: kind,
-            peer: Some(peer),
+            peer: None,
+            uid: None,
+            session: None,
             bench: None,
             key_id: None,
             serial: None,
@@ -90,6 +111,33 @@ impl Event {
             bytes_in: None,
             bytes_out: None,
         }
+    }
+
+    /// An event about the session `live`: its client, bench, certificate, container, id and
+    /// command.
+    pub fn about_session(kind: Kind, live: &Live) -> Self {
+        let about = &live.about;
+        let mut event = Self::new(kind, about.peer)
+            .bench(&about.bench)
+            .certificate(&about.key_id, about.serial, about.ca.clone())
+            .container(&about.container);
+        event = event.session(&about.id);
+        if let Some(command) = &about.command {
+            event = event.command(command);
+        }
+        event
+    }
+
+    /// The session's id.
+    pub fn session(mut self, id: &str) -> Self {
+        self.session = Some(bounded(id));
+        self
+    }
+
+    /// The local user who asked (the admin socket's peer).
+    pub fn uid(mut self, uid: u32) -> Self {
+        self.uid = Some(uid);
+        self
     }
 
     /// The bench (the SSH user name, untrusted until accepted).

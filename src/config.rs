@@ -28,6 +28,8 @@ pub struct Config {
     pub metrics: Metrics,
     /// `[log]`: log format and audit trail.
     pub log: Log,
+    /// `[admin]`: the admin socket (`benchgate sessions`).
+    pub admin: Admin,
 }
 
 /// `[server]`.
@@ -230,6 +232,33 @@ impl Default for Metrics {
     fn default() -> Self {
         Self {
             listen: Optional(Some(SocketAddr::from(([127, 0, 0, 1], 9102)))),
+        }
+    }
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    /// The admin socket `benchgate sessions` talks to; "" = off.
+    pub socket: Optional<PathBuf>,
+    /// A group whose members may use it too (the socket is then mode 0660); "" = root and
+    /// the daemon's user only (0600).
+    pub group: String,
+    /// Tell a person, once, when support staff start watching their session.
+    pub announce_watch: bool,
+}
+
+/// Where the admin socket is unless `[admin] socket` says otherwise (systemd's
+/// `RuntimeDirectory=benchgate`).
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/benchgate/admin.sock";
+
+impl Default for Admin {
+    fn default() -> Self {
+        Self {
+            socket: Optional(Some(PathBuf::from(DEFAULT_ADMIN_SOCKET))),
+            group: String::new(),
+            announce_watch: true,
         }
     }
 }

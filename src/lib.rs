@@ -3,6 +3,7 @@
 //! `main.rs` parses the command line; [`start`] turns a [`config::Config`] into the state
 //! [`ssh::server::serve`] runs on, the seam the integration tests use.
 
+pub mod admin;
 pub mod app;
 pub mod audit;
 pub mod auth;
@@ -12,6 +13,7 @@ pub mod config;
 pub mod docker;
 pub mod flow;
 pub mod limits;
+pub mod live;
 pub mod logging;
 pub mod metrics;
 pub mod notify;

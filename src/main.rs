@@ -69,6 +69,21 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:2222")]
         listen: std::net::SocketAddr,
     },
+    /// List the live sessions (through the running daemon's admin socket); `end` and `watch`
+    /// act on them.
+    Sessions {
+        /// Config file naming the admin socket [default: /etc/benchgate/benchgate.toml if
+        /// present, else built-in defaults]
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(flatten)]
+        select: SelectArgs,
+        #[command(subcommand)]
+        action: Option<SessionsAction>,
+    },
     /// Say whether CERT would be accepted for bench NAME right now, and every reason why not.
     Explain {
         /// Config file [default: /etc/benchgate/benchgate.toml if present, else built-in defaults]
@@ -82,6 +97,52 @@ enum Command {
         from: Option<std::net::IpAddr>,
         /// The certificate (-cert.pub).
         cert: PathBuf,
+    },
+}
+
+/// Which sessions: those matching every option given.
+#[derive(clap::Args)]
+struct SelectArgs {
+    /// Only sessions into this bench.
+    #[arg(long)]
+    bench: Option<String>,
+    /// Only sessions of certificates with this key ID.
+    #[arg(long)]
+    key_id: Option<String>,
+    /// Only sessions of the certificate with this serial.
+    #[arg(long)]
+    serial: Option<u64>,
+}
+
+impl SelectArgs {
+    fn with_id(self, id: Option<String>) -> benchgate::admin::Select {
+        benchgate::admin::Select {
+            id,
+            bench: self.bench,
+            key_id: self.key_id,
+            serial: self.serial,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum SessionsAction {
+    /// End sessions: the person is told why, the session's processes end, the operator's uid is
+    /// audited. Exits 1 when nothing matched.
+    End {
+        /// The session's id (from `benchgate sessions`).
+        id: Option<String>,
+        #[command(flatten)]
+        select: SelectArgs,
+        /// Told to the person: "your session was ended by an operator: REASON".
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Watch a terminal session's output, read-only, starting with its current screen; Ctrl-C
+    /// stops.
+    Watch {
+        /// The session's id (from `benchgate sessions`).
+        id: String,
     },
 }
 
@@ -117,6 +178,27 @@ fn main() -> ExitCode {
                 print_all(&text)?;
                 serve(Some(&config))
             }),
+        Command::Sessions {
+            config,
+            json,
+            select,
+            action,
+        } => {
+            use benchgate::admin::client::Command as Admin;
+            let command = match action {
+                None => Admin::List {
+                    select: select.with_id(None),
+                    json,
+                },
+                Some(SessionsAction::End { id, select, reason }) => Admin::End {
+                    select: select.with_id(id),
+                    reason,
+                    json,
+                },
+                Some(SessionsAction::Watch { id }) => Admin::Watch { id },
+            };
+            sessions(config.as_deref(), command)
+        }
         Command::Explain {
             config,
             bench,
@@ -160,6 +242,19 @@ fn explain(
         runtime.block_on(benchgate::commands::explain(&config, bench, cert, from))?;
     print_all(&report)?;
     Ok(accepted)
+}
+
+/// `benchgate sessions`: talks to the admin socket the config names.
+fn sessions(path: Option<&Path>, command: benchgate::admin::client::Command) -> anyhow::Result<()> {
+    let (config, source) = load_config(path)?;
+    let Some(socket) = config.admin.socket.0 else {
+        anyhow::bail!("the admin socket is off in {source} ([admin] socket = \"\")");
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(benchgate::admin::client::run(&socket, command))
 }
 
 fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
@@ -235,6 +330,9 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("server.listen: cannot bind {addr}"))?;
             listeners.push(listener);
+        }
+        if let Some(socket) = benchgate::admin::server::bind(&config.admin)? {
+            tokio::spawn(benchgate::admin::server::serve(shared.clone(), socket));
         }
         let config_path = (source != "built-in defaults").then(|| PathBuf::from(&source));
         tokio::spawn(signals(

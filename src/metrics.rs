@@ -33,6 +33,20 @@ pub const DISCONNECT_REASONS: [&str; 9] = [
     "protocol_violation",
     "unresponsive",
 ];
+/// How sessions end: the `outcome` labels of [`SESSIONS_TOTAL`].
+pub const SESSION_OUTCOMES: [&str; 5] = [
+    "ok",
+    "error",
+    "client_closed",
+    "ended_by_server",
+    "ended_by_operator",
+];
+/// Requests on the admin socket, by request and result.
+pub const ADMIN_REQUESTS_TOTAL: &str = "benchgate_admin_requests_total";
+/// The `request` labels of [`ADMIN_REQUESTS_TOTAL`] (`other`: not a request, or not read).
+pub const ADMIN_REQUESTS: [&str; 4] = ["sessions", "end", "watch", "other"];
+/// The `result` labels of [`ADMIN_REQUESTS_TOTAL`].
+pub const ADMIN_RESULTS: [&str; 3] = ["ok", "error", "refused"];
 /// Bench names in the index.
 pub const BENCHES_KNOWN: &str = "benchgate_benches_known";
 /// Docker API failures by operation.
@@ -256,7 +270,7 @@ fn describe() {
     }
     for kind in ["shell", "exec"] {
         gauge!(SESSIONS_ACTIVE, "kind" => kind).set(0.0);
-        for outcome in ["ok", "error", "client_closed", "ended_by_server"] {
+        for outcome in SESSION_OUTCOMES {
             counter!(SESSIONS_TOTAL, "kind" => kind, "outcome" => outcome).absolute(0);
         }
     }
@@ -278,6 +292,15 @@ fn describe() {
         CERT_REMAINING_SECONDS,
     ] {
         let _ = histogram!(name);
+    }
+    describe_counter!(
+        ADMIN_REQUESTS_TOTAL,
+        "Requests on the admin socket, by request and result"
+    );
+    for request in ADMIN_REQUESTS {
+        for result in ADMIN_RESULTS {
+            counter!(ADMIN_REQUESTS_TOTAL, "request" => request, "result" => result).absolute(0);
+        }
     }
     describe_counter!(
         CONFIG_RELOADS_TOTAL,
@@ -366,7 +389,7 @@ impl Drop for ActiveSession {
     }
 }
 
-/// A session of `kind` ended: `outcome` is "ok", "error", "client_closed" or "ended_by_server".
+/// A session of `kind` ended: `outcome` is one of [`SESSION_OUTCOMES`].
 pub fn session_ended(
     kind: &'static str,
     outcome: &'static str,
@@ -383,6 +406,11 @@ pub fn session_ended(
 /// A SIGHUP reload succeeded or failed.
 pub fn config_reload(ok: bool) {
     counter!(CONFIG_RELOADS_TOTAL, "result" => if ok { "ok" } else { "error" }).increment(1);
+}
+
+/// A request on the admin socket was answered (`result`: "ok", "error" or "refused").
+pub fn admin_request(request: &'static str, result: &'static str) {
+    counter!(ADMIN_REQUESTS_TOTAL, "request" => request, "result" => result).increment(1);
 }
 
 /// A session recording failed.

@@ -110,6 +110,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> anyhow::Result<(PathBuf, Strin
     config.auth.trusted_user_ca_keys = NonEmpty(vec![dir.join("user_ca.pub")]);
     config.metrics.listen = Optional(None);
     config.log.audit_file = Optional(Some(dir.join("audit.log")));
+    config.admin.socket = Optional(Some(dir.join("admin.sock")));
     let config_path = dir.join("benchgate.toml");
     std::fs::write(&config_path, config.to_toml())?;
 
@@ -138,6 +139,11 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> anyhow::Result<(PathBuf, Strin
         known_hosts.display(),
         listen.port(),
         listen.ip()
+    );
+    let _ = writeln!(
+        text,
+        "Live sessions: benchgate sessions --config {} (then `sessions watch ID`, `sessions end ID`)",
+        config_path.display()
     );
     let _ = writeln!(text, "Audit trail: {}/audit.log. Stop with Ctrl-C; remove the demo with `docker rm -f {CONTAINER}`.", dir.display());
     Ok((config_path, text))

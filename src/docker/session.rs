@@ -86,9 +86,10 @@ impl Session {
         }
     }
 
-    /// A short tag that names this session (its recording's file, for one).
+    /// A short tag that names this session: its id on the admin socket and in the audit, and
+    /// in its recording's file name (48 random bits).
     pub fn tag(&self) -> &str {
-        &self.marker[..8]
+        &self.marker[..12]
     }
 
     /// Sets the terminal size.

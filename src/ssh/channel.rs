@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,7 +11,7 @@ use russh::ChannelWriteHalf;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::broadcast;
 
-use super::lifetime::{Ended, Link, Notice, Sent, Touching};
+use super::lifetime::{Ended, Link, Notice, Touching};
 use crate::app::App;
 use crate::audit::{Event, Kind};
 use crate::auth::{self, Grant};
@@ -20,6 +19,7 @@ use crate::config::Leftovers;
 use crate::docker::exec;
 use crate::docker::{Bench, Lookup, Plan, Session};
 use crate::flow::{Inbox, Input};
+use crate::live::{About, Live};
 use crate::metrics;
 use crate::recording::Recorder;
 
@@ -77,6 +77,8 @@ pub enum Exit {
     ClientGone,
     /// The server ended it.
     EndedByServer(Ended),
+    /// An operator ended it (`benchgate sessions end`).
+    EndedByOperator,
 }
 
 impl Exit {
@@ -87,6 +89,7 @@ impl Exit {
             Self::Code(_) => "error",
             Self::ClientGone => "client_closed",
             Self::EndedByServer(_) => "ended_by_server",
+            Self::EndedByOperator => "ended_by_operator",
         }
     }
 
@@ -96,6 +99,7 @@ impl Exit {
             Self::Code(_) => "exited",
             Self::ClientGone => "client_closed",
             Self::EndedByServer(why) => why.label(),
+            Self::EndedByOperator => "operator",
         }
     }
 }
@@ -199,6 +203,7 @@ async fn session(
     };
     let started = Instant::now();
     let plan = plan(app, request, &bench);
+    let endpoint_url = endpoint.url.clone();
     let (processes, streams) = match Session::start(endpoint, &bench.container, plan, &app.tracker)
         .await
     {
@@ -213,9 +218,11 @@ async fn session(
     let kind = request.kind();
     metrics::exec_started(started.elapsed());
     let _active = metrics::ActiveSession::open(kind);
-    tracing::info!(peer = %request.peer, bench = %bench_name, container = %bench.container, kind, "session started");
+    let (listed, mut told) = app.live.add(about(request, &bench, &endpoint_url, processes.tag()));
+    let live = listed.live().clone();
+    tracing::info!(peer = %request.peer, bench = %bench_name, container = %bench.container, kind, session = %live.about.id, "session started");
     app.audit
-        .record(&session_event(Kind::SessionStart, request, &bench).request(kind));
+        .record(&Event::about_session(Kind::SessionStart, &live).request(kind));
 
     let exec::Exec {
         output, mut input, ..
@@ -223,18 +230,17 @@ async fn session(
     let link = request.link.clone();
     let _running = link.session();
     let mut notices = link.subscribe();
-    let bytes_in = AtomicU64::new(0);
-    let sent = Arc::new(Sent::default());
-    let stdout = Touching::new(to_client.make_writer(), link.clone(), sent.clone());
+    let stdout = Touching::new(to_client.make_writer(), link.clone(), live.clone());
     let stderr = Touching::new(
         to_client.make_writer_ext(Some(1)),
         link.clone(),
-        sent.clone(),
+        live.clone(),
     );
     let recorder = record(app, request, processes.tag());
     let teed = Teed {
         inner: stdout,
         recorder: recorder.clone(),
+        live: live.clone(),
     };
     // The pumps borrow the session's processes; they are gone once the loop has its exit.
     let exit = {
@@ -256,7 +262,7 @@ async fn session(
                 match inbox.next().await {
                     Input::Data(data) => {
                         link.touch();
-                        bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        live.received(data.len());
                         // A process that closed its stdin: the rest of the input is dropped.
                         if stdin_open && input.write_all(&data).await.is_err() {
                             stdin_open = false;
@@ -273,6 +279,7 @@ async fn session(
                         if let Some(recorder) = &recorder {
                             lock(recorder).resize(cols, rows);
                         }
+                        live.resized(cols, rows);
                         let _ = processes.resize(cols, rows).await;
                     }
                     Input::Closed => return,
@@ -298,6 +305,16 @@ async fn session(
                     finish(to_client, 255, tokio::time::sleep(WRITE_LIMIT)).await;
                     break Exit::EndedByServer(why);
                 }
+                reason = live.ended_by_operator() => {
+                    let message = match reason.as_str() {
+                        "" => "benchgate: your session was ended by an operator".to_owned(),
+                        reason => format!("benchgate: your session was ended by an operator: {reason}"),
+                    };
+                    say(to_client, &message, tty).await;
+                    finish(to_client, 255, tokio::time::sleep(WRITE_LIMIT)).await;
+                    break Exit::EndedByOperator;
+                }
+                Some(line) = told.recv() => say(to_client, &line, tty).await,
                 notice = notices.recv() => match notice {
                     // Warnings are for people at a terminal; a script's stderr is left alone.
                     Ok(Notice::Warn(text)) if tty => say(to_client, &text, tty).await,
@@ -309,19 +326,17 @@ async fn session(
             }
         }
     };
-    let (bytes_in, bytes_out) = (
-        bytes_in.load(Ordering::Relaxed),
-        sent.bytes.load(Ordering::Relaxed),
-    );
+    listed.ended(exit.reason());
+    let (bytes_in, bytes_out) = live.bytes();
     metrics::session_ended(kind, exit.outcome(), started.elapsed(), bytes_in, bytes_out);
-    tracing::info!(peer = %request.peer, bench = %bench_name, reason = exit.reason(), "session ended");
-    let mut event = session_event(Kind::SessionEnd, request, &bench)
+    tracing::info!(peer = %request.peer, bench = %bench_name, session = %live.about.id, reason = exit.reason(), "session ended");
+    let mut event = Event::about_session(Kind::SessionEnd, &live)
         .reason(exit.reason())
         .bytes(bytes_in, bytes_out)
         .duration_ms(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
     if let Exit::Code(code) = exit {
         event = event.exit_status(code);
-        if let Some(count) = leftovers_reported(&sent.tail()) {
+        if let Some(count) = leftovers_reported(&live.tail()) {
             event = event.leftovers(count);
         }
     }
@@ -330,9 +345,11 @@ async fn session(
     // ends with it.
     let status = match exit {
         Exit::Code(code) => Some(code),
-        Exit::ClientGone | Exit::EndedByServer(_) => None,
+        Exit::ClientGone | Exit::EndedByServer(_) | Exit::EndedByOperator => None,
     };
     processes.end(status, &app.tracker);
+    // Listed until its processes are on their way out: an operator who ended it sees it gone.
+    drop(listed);
 }
 
 /// The exit status to report once the output has ended; tells the user when the container
@@ -394,10 +411,11 @@ fn lock(recorder: &Mutex<Recorder>) -> std::sync::MutexGuard<'_, Recorder> {
     recorder.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A writer that also hands what it writes to the session's recording.
+/// A writer that also hands what it writes to the session's recording and its watchers.
 struct Teed<W> {
     inner: W,
     recorder: Option<Arc<Mutex<Recorder>>>,
+    live: Arc<Live>,
 }
 
 impl<W: AsyncWrite + Unpin> AsyncWrite for Teed<W> {
@@ -407,8 +425,11 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Teed<W> {
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let written = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let (std::task::Poll::Ready(Ok(n)), Some(recorder)) = (&written, &self.recorder) {
-            lock(recorder).output(&buf[..*n]);
+        if let std::task::Poll::Ready(Ok(n)) = &written {
+            if let Some(recorder) = &self.recorder {
+                lock(recorder).output(&buf[..*n]);
+            }
+            self.live.output(&buf[..*n]);
         }
         written
     }
@@ -491,16 +512,24 @@ fn leftovers_reported(tail: &[u8]) -> Option<u32> {
         .then(|| count.parse().ok())?
 }
 
-fn session_event(kind: Kind, request: &Request, bench: &Bench) -> Event {
+/// What the admin socket lists about the session `request` started in `bench`.
+fn about(request: &Request, bench: &Bench, endpoint: &str, id: &str) -> About {
     let grant = &request.grant;
-    let mut event = Event::new(kind, request.peer)
-        .bench(&grant.bench)
-        .certificate(&grant.key_id, grant.serial, grant.ca.clone())
-        .container(&bench.container);
-    if let Some(command) = grant.force_command.as_ref().or(request.command.as_ref()) {
-        event = event.command(command);
+    About {
+        id: id.to_owned(),
+        bench: grant.bench.clone(),
+        container: bench.container.clone(),
+        endpoint: endpoint.to_owned(),
+        key_id: grant.key_id.clone(),
+        serial: grant.serial,
+        ca: grant.ca.clone(),
+        peer: request.peer,
+        kind: request.kind(),
+        command: grant.force_command.clone().or(request.command.clone()),
+        tty: request.pty.as_ref().map(|pty| (pty.cols, pty.rows)),
+        started: std::time::SystemTime::now(),
+        valid_before: grant.valid_before,
     }
-    event
 }
 
 #[cfg(test)]

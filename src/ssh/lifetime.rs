@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::App;
 use crate::auth::{cert::still_valid, Grant, Rejection};
 use crate::flow::Flow;
+use crate::live::Live;
 use crate::settings::Settings;
 
 /// How often idleness and stuck input are checked.
@@ -216,44 +217,17 @@ impl Link {
     }
 }
 
-/// What a session wrote to its client: how many bytes, and the last of them.
-#[derive(Debug, Default)]
-pub struct Sent {
-    /// Bytes written.
-    pub bytes: AtomicU64,
-    tail: Mutex<Vec<u8>>,
-}
-
-/// How many of the last bytes written [`Sent`] keeps.
-const TAIL_BYTES: usize = 512;
-
-impl Sent {
-    fn keep(&self, written: &[u8]) {
-        self.bytes
-            .fetch_add(written.len() as u64, Ordering::Relaxed);
-        let mut tail = lock(&self.tail);
-        tail.extend_from_slice(&written[written.len().saturating_sub(TAIL_BYTES)..]);
-        let excess = tail.len().saturating_sub(TAIL_BYTES);
-        tail.drain(..excess);
-    }
-
-    /// The last bytes written (at most 512).
-    pub fn tail(&self) -> Vec<u8> {
-        lock(&self.tail).clone()
-    }
-}
-
-/// A writer that records activity on `link` and what went out in `sent`.
+/// A writer that records activity on `link` and what went out in the session's `live`.
 pub struct Touching<W> {
     inner: W,
     link: Arc<Link>,
-    sent: Arc<Sent>,
+    live: Arc<Live>,
 }
 
 impl<W> Touching<W> {
-    /// Wraps `inner`, keeping what is written in `sent`.
-    pub fn new(inner: W, link: Arc<Link>, sent: Arc<Sent>) -> Self {
-        Self { inner, link, sent }
+    /// Wraps `inner`, counting what is written in `live`.
+    pub fn new(inner: W, link: Arc<Link>, live: Arc<Live>) -> Self {
+        Self { inner, link, live }
     }
 }
 
@@ -268,7 +242,7 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Touching<W> {
         // reads nothing is not.
         if let Poll::Ready(Ok(n)) = written {
             self.link.touch();
-            self.sent.keep(&buf[..n]);
+            self.live.sent(&buf[..n]);
         }
         written
     }

@@ -155,6 +155,7 @@ impl Bastion {
         config.auth.trusted_user_ca_keys = NonEmpty(vec![dir.path().join("ca.pub")]);
         config.metrics.listen = Optional(None);
         config.log.audit_file = Optional(Some(dir.path().join("audit.log")));
+        config.admin.socket = Optional(Some(dir.path().join("admin.sock")));
         edit(dir.path(), &mut config);
         (dir, config)
     }

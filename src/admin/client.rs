@@ -1,0 +1,309 @@
+//! `benchgate sessions`: the admin socket's client. Lists live sessions as a table or JSON,
+//! ends them, and watches a terminal session's output.
+
+use std::fmt::Write as _;
+use std::io::IsTerminal as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use base64::Engine as _;
+use tokio::io::{AsyncWriteExt as _, BufReader};
+use tokio::net::UnixStream;
+
+use super::{read_line, Line, Reply, Request, Select, SessionInfo, WatchFrame};
+
+/// Longest reply line the client reads (a long session list).
+const MAX_REPLY_BYTES: usize = 64 * 1024 * 1024;
+/// How long a reply may take.
+const REPLY_WAIT: Duration = Duration::from_secs(30);
+
+/// What `benchgate sessions` was asked to do.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// List the sessions `select` names, as a table or JSON.
+    List { select: Select, json: bool },
+    /// End the sessions `select` names, telling each person `reason`.
+    End {
+        select: Select,
+        reason: String,
+        json: bool,
+    },
+    /// Copy session `id`'s terminal output to stdout until it ends or Ctrl-C.
+    Watch { id: String },
+}
+
+/// Runs `command` against the daemon listening on `socket`; the text to print goes to stdout
+/// as it comes. An error reply (nothing matched, not allowed) is an error.
+pub async fn run(socket: &Path, command: Command) -> anyhow::Result<()> {
+    let stream = UnixStream::connect(socket).await.map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                " (is benchgate running with this config's [admin] socket?)"
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                " (run as root, as benchgate's user, or as a member of [admin] group)"
+            }
+            _ => "",
+        };
+        anyhow!("cannot reach the admin socket {}: {e}{hint}", socket.display())
+    })?;
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    let request = match &command {
+        Command::List { select, .. } => Request::Sessions {
+            select: select.clone(),
+        },
+        Command::End { select, reason, .. } => Request::End {
+            select: select.clone(),
+            reason: reason.clone(),
+        },
+        Command::Watch { id } => Request::Watch { id: id.clone() },
+    };
+    let mut line = serde_json::to_vec(&request)?;
+    line.push(b'\n');
+    write.write_all(&line).await.context("admin socket")?;
+    let reply: Reply = tokio::time::timeout(REPLY_WAIT, next(&mut reader))
+        .await
+        .map_err(|_| anyhow!("the daemon did not answer within 30 seconds"))??;
+    if let Some(error) = reply.error {
+        bail!("{error}");
+    }
+    let mut stdout = tokio::io::stdout();
+    let text = match command {
+        Command::List { json: true, .. } => json(&reply.sessions.unwrap_or_default())?,
+        Command::List { select, .. } => match reply.sessions.unwrap_or_default() {
+            sessions if sessions.is_empty() && select.is_everything() => {
+                "no live sessions\n".to_owned()
+            }
+            sessions if sessions.is_empty() => {
+                format!("no live session matches {}\n", select.spoken())
+            }
+            sessions => table(&sessions),
+        },
+        Command::End { json: true, .. } => json(&reply.ended.unwrap_or_default())?,
+        Command::End { .. } => {
+            let mut text = String::new();
+            for ended in reply.ended.unwrap_or_default() {
+                let s = &ended.session;
+                let _ = writeln!(
+                    text,
+                    "{}: {} (bench {}, key id {}, serial {}, from {})",
+                    ended.state, s.id, s.bench, s.key_id, s.serial, s.peer
+                );
+            }
+            text
+        }
+        Command::Watch { .. } => {
+            let session = reply.watching.context("the daemon's reply names no session")?;
+            return watch(&session, &mut reader, &mut stdout).await;
+        }
+    };
+    stdout.write_all(text.as_bytes()).await?;
+    stdout.flush().await?;
+    Ok(())
+}
+
+/// The next line from the daemon, parsed.
+async fn next<T: serde::de::DeserializeOwned>(
+    reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+) -> anyhow::Result<T> {
+    match read_line(reader, MAX_REPLY_BYTES).await? {
+        Line::Whole(line) => serde_json::from_slice(&line)
+            .with_context(|| format!("unreadable reply: {}", String::from_utf8_lossy(&line))),
+        Line::Closed | Line::Cut => bail!("the daemon closed the admin connection"),
+        Line::TooLong => bail!("the daemon's reply is longer than 64 MiB"),
+    }
+}
+
+fn json(value: &impl serde::Serialize) -> anyhow::Result<String> {
+    Ok(serde_json::to_string_pretty(value)? + "\n")
+}
+
+/// Copies the watched terminal's output to `stdout` until the session ends or Ctrl-C.
+async fn watch(
+    session: &SessionInfo,
+    reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    stdout: &mut tokio::io::Stdout,
+) -> anyhow::Result<()> {
+    let (cols, rows) = session.tty.unwrap_or_default();
+    eprintln!(
+        "benchgate: watching session {} (bench {}, key id {}, terminal {cols}x{rows}), read-only; Ctrl-C stops",
+        session.id, session.bench, session.key_id
+    );
+    loop {
+        let frame = tokio::select! {
+            frame = next::<WatchFrame>(reader) => frame?,
+            _ = tokio::signal::ctrl_c() => {
+                if std::io::stdout().is_terminal() {
+                    // Attributes and a hidden cursor the watched program left set.
+                    stdout.write_all(b"\x1b[0m\x1b[?25h").await?;
+                    stdout.flush().await?;
+                }
+                eprintln!("\r\nbenchgate: stopped watching");
+                return Ok(());
+            }
+        };
+        match frame {
+            WatchFrame::Output(text) => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(text)
+                    .context("unreadable output frame")?;
+                stdout.write_all(&bytes).await?;
+                stdout.flush().await?;
+            }
+            WatchFrame::Dropped(n) => {
+                eprintln!("\r\nbenchgate: {n} bytes of output skipped: this watcher fell behind\r")
+            }
+            WatchFrame::Resized(cols, rows) => {
+                eprintln!("\r\nbenchgate: the session's terminal is now {cols}x{rows}\r")
+            }
+            WatchFrame::Ended(reason) => {
+                eprintln!("\r\nbenchgate: the session ended ({reason})");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The sessions as an aligned table, one line each.
+pub fn table(sessions: &[SessionInfo]) -> String {
+    const HEADER: [&str; 15] = [
+        "ID",
+        "BENCH",
+        "CONTAINER",
+        "ENDPOINT",
+        "KEY_ID",
+        "SERIAL",
+        "CA",
+        "PEER",
+        "KIND",
+        "STARTED",
+        "IDLE",
+        "IN",
+        "OUT",
+        "VALID_BEFORE",
+        "COMMAND",
+    ];
+    let rows: Vec<[String; 15]> = sessions
+        .iter()
+        .map(|s| {
+            [
+                s.id.clone(),
+                s.bench.clone(),
+                cut(&s.container, 12, ""),
+                s.endpoint.clone(),
+                cut(&s.key_id, 32, "…"),
+                s.serial.to_string(),
+                cut(&s.ca, 15, "…"),
+                s.peer.clone(),
+                s.kind.clone(),
+                s.started.clone(),
+                idle(s.idle_seconds),
+                size(s.bytes_in),
+                size(s.bytes_out),
+                s.valid_before.clone(),
+                s.command
+                    .as_deref()
+                    .map_or("-".to_owned(), |c| cut(c, 48, "…")),
+            ]
+        })
+        .collect();
+    let mut widths = HEADER.map(|h| h.chars().count());
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut text = String::new();
+    let header = HEADER.map(str::to_owned);
+    for row in std::iter::once(&header).chain(&rows) {
+        let mut line = String::new();
+        for (cell, width) in row.iter().zip(widths) {
+            let _ = write!(line, "{cell:<width$}  ");
+        }
+        text += line.trim_end();
+        text.push('\n');
+    }
+    text
+}
+
+/// `text` cut to `max` characters, ending with `mark` when cut.
+fn cut(text: &str, max: usize, mark: &str) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    text.chars().take(max).collect::<String>() + mark
+}
+
+/// "42s", "5m", "3h".
+fn idle(seconds: u64) -> String {
+    match seconds {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s / 60),
+        s => format!("{}h", s / 3600),
+    }
+}
+
+/// "512B", "1.5K", "20.0M".
+fn size(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["K", "M", "G", "T"];
+    if bytes < 1024 {
+        return format!("{bytes}B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1}{}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_print_as_an_aligned_table() {
+        let session = SessionInfo {
+            id: "3f2a9c0d41b7".into(),
+            bench: "shop".into(),
+            container: "0123456789abcdef0123".into(),
+            endpoint: "unix:///var/run/docker.sock".into(),
+            key_id: "alice@example.com".into(),
+            serial: 42,
+            ca: "SHA256:abcdefghijklmnopqrstuvwxyz".into(),
+            peer: "203.0.113.7:50122".into(),
+            kind: "exec".into(),
+            command: Some("bench migrate".into()),
+            tty: None,
+            started: "2026-12-06T19:00:00Z".into(),
+            idle_seconds: 125,
+            bytes_in: 100,
+            bytes_out: 3 * 1024 * 1024 / 2,
+            valid_before: "2026-12-07T01:00:00Z".into(),
+        };
+        let text = table(&[session]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("ID            BENCH  CONTAINER"), "{text}");
+        assert!(lines[1].starts_with("3f2a9c0d41b7  shop   0123456789ab "), "{text}");
+        for cell in ["SHA256:abcdefgh…", "2m", "100B", "1.5M", "bench migrate"] {
+            assert!(lines[1].contains(cell), "{cell} in {text}");
+        }
+        // Columns line up: each header starts where its cell does.
+        let at = |line: &str, cell: &str| line[..line.find(cell).expect(cell)].chars().count();
+        assert_eq!(at(lines[0], "KEY_ID"), at(lines[1], "alice@"));
+        assert_eq!(at(lines[0], "COMMAND"), at(lines[1], "bench migrate"));
+    }
+
+    #[test]
+    fn sizes_and_idle_times_are_short() {
+        assert_eq!(size(0), "0B");
+        assert_eq!(size(2048), "2.0K");
+        assert_eq!(size(5 << 30), "5.0G");
+        assert_eq!(idle(59), "59s");
+        assert_eq!(idle(7200), "2h");
+    }
+}

@@ -1,0 +1,497 @@
+//! The daemon's side of the admin socket: a safe place for the socket file, who may connect
+//! (`SO_PEERCRED`), and the requests, each audited with the caller's uid.
+
+use std::ffi::CString;
+use std::os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context as _};
+use base64::Engine as _;
+use tokio::io::{AsyncBufReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+
+use super::{read_line, EndedInfo, Line, Reply, Request, Select, SessionInfo, WatchFrame};
+use crate::app::App;
+use crate::audit::{Event, Kind};
+use crate::auth::bounded;
+use crate::config;
+use crate::live::{Frame, Live};
+use crate::metrics;
+
+/// Admin connections at once (watchers included); more are told to come back later.
+const MAX_CONNECTIONS: usize = 32;
+/// Longest request line.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// How long a connection may take to send its next whole request.
+const REQUEST_WAIT: Duration = Duration::from_secs(30);
+/// How long one reply (or watch frame) may wait for the peer to read.
+const WRITE_LIMIT: Duration = Duration::from_secs(5);
+/// How long an `end` waits for the sessions it ended to be gone before it replies.
+const END_WAIT: Duration = Duration::from_secs(5);
+/// What a watched person is told, once per session, when `[admin] announce_watch` is on.
+pub const WATCH_NOTICE: &str = "benchgate: support staff are now watching this session (read-only)";
+
+/// Who may use the socket: root, the daemon's own user, and the members of `[admin] group`.
+#[derive(Debug, Clone)]
+struct Access {
+    daemon: u32,
+    group: Option<(String, u32)>,
+}
+
+impl Access {
+    fn allows(&self, uid: u32, gid: u32) -> bool {
+        if uid == 0 || uid == self.daemon {
+            return true;
+        }
+        let Some((_, group)) = &self.group else {
+            return false;
+        };
+        gid == *group || groups_of(uid).contains(group)
+    }
+
+    fn who(&self) -> String {
+        match &self.group {
+            None => "root and the daemon's user".to_owned(),
+            Some((name, _)) => format!("root, the daemon's user and members of group {name}"),
+        }
+    }
+}
+
+/// The groups of the account `uid` (from the system's user database).
+fn groups_of(uid: u32) -> Vec<u32> {
+    use nix::unistd::{getgrouplist, User};
+    let Ok(Some(user)) = User::from_uid(uid.into()) else {
+        return Vec::new();
+    };
+    let Ok(name) = CString::new(user.name) else {
+        return Vec::new();
+    };
+    getgrouplist(&name, user.gid)
+        .map(|groups| groups.into_iter().map(|g| g.as_raw()).collect())
+        .unwrap_or_default()
+}
+
+/// The bound admin socket; its file is removed when this is dropped (if it is still ours).
+#[derive(Debug)]
+pub struct Socket {
+    listener: UnixListener,
+    path: PathBuf,
+    inode: (u64, u64),
+    access: Access,
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|meta| (meta.dev(), meta.ino()) == self.inode);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Binds the socket `[admin]` names, if it names one. Refuses a directory others can write to,
+/// a path that is something other than a socket, and a socket another process answers on; a
+/// stale socket is replaced. Needs the async runtime.
+pub fn bind(admin: &config::Admin) -> anyhow::Result<Option<Socket>> {
+    let Some(path) = &admin.socket.0 else {
+        return Ok(None);
+    };
+    let context = || format!("admin.socket {}", path.display());
+    let group = match admin.group.as_str() {
+        "" => None,
+        name => {
+            let group = nix::unistd::Group::from_name(name)
+                .ok()
+                .flatten()
+                .with_context(|| format!("admin.group: no group named {name:?}"))?;
+            Some((name.to_owned(), group.gid.as_raw()))
+        }
+    };
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(dir)
+            .with_context(|| {
+                format!(
+                    "{}: cannot create {} (run under systemd with RuntimeDirectory=benchgate, \
+                     choose another path, or set it to \"\" to turn the socket off)",
+                    context(),
+                    dir.display()
+                )
+            })?;
+    }
+    let euid = nix::unistd::geteuid().as_raw();
+    let meta = std::fs::metadata(dir).with_context(context)?;
+    if meta.mode() & 0o022 != 0 {
+        bail!(
+            "{}: its directory {} is writable by others (mode {:04o}), who could replace the \
+             socket; use a directory only benchgate's user can write, like /run/benchgate",
+            context(),
+            dir.display(),
+            meta.mode() & 0o7777
+        );
+    }
+    if meta.uid() != 0 && meta.uid() != euid {
+        bail!(
+            "{}: its directory {} belongs to uid {}, who could replace the socket",
+            context(),
+            dir.display(),
+            meta.uid()
+        );
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => bail!(
+            "{}: the path exists and is not a socket; benchgate does not replace it",
+            context()
+        ),
+        Ok(_) if std::os::unix::net::UnixStream::connect(path).is_ok() => bail!(
+            "{}: another process (another benchgate?) is serving on it",
+            context()
+        ),
+        // Left by a daemon that did not get to remove it.
+        Ok(_) => std::fs::remove_file(path).with_context(context)?,
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path).with_context(context)?;
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(context)?;
+    if let Some((_, gid)) = &group {
+        nix::unistd::chown(path, None, Some((*gid).into())).with_context(context)?;
+    }
+    let meta = std::fs::symlink_metadata(path).with_context(context)?;
+    Ok(Some(Socket {
+        listener,
+        path: path.clone(),
+        inode: (meta.dev(), meta.ino()),
+        access: Access {
+            daemon: euid,
+            group,
+        },
+    }))
+}
+
+/// Serves the admin socket for as long as the daemon runs (through a shutdown's grace too);
+/// its file is removed when the task is dropped.
+pub async fn serve(app: Arc<App>, socket: Socket) {
+    let places = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let access = Arc::new(socket.access.clone());
+    loop {
+        let stream = match socket.listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin socket: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (app, access) = (app.clone(), access.clone());
+        match places.clone().try_acquire_owned() {
+            Ok(place) => tokio::spawn(async move {
+                connection(&app, &access, stream).await;
+                drop(place);
+            }),
+            Err(_) => tokio::spawn(async move {
+                let mut stream = stream;
+                let busy = Reply::error("too many admin connections at once; try again");
+                let _ = send(&mut stream, &busy).await;
+            }),
+        };
+    }
+}
+
+/// Counts, logs and audits one request of `uid`; `error` says why it was not carried out.
+fn account(app: &App, uid: u32, request: &'static str, error: Option<&str>, session: Option<&str>) {
+    let result = match error {
+        None => "ok",
+        Some(e) if e.starts_with("uid ") => "refused",
+        Some(_) => "error",
+    };
+    metrics::admin_request(request, result);
+    tracing::info!(uid, request, result, error, session, "admin request");
+    let mut event = Event::local(Kind::AdminRequest)
+        .uid(uid)
+        .request(request)
+        .reason(error.unwrap_or("ok"));
+    if let Some(id) = session {
+        event = event.session(id);
+    }
+    app.audit.record(&event);
+}
+
+/// Answers the requests of one connection, in order.
+async fn connection(app: &App, access: &Access, stream: UnixStream) {
+    let Ok(cred) = stream.peer_cred() else {
+        return;
+    };
+    let uid = cred.uid();
+    let (read, mut write) = stream.into_split();
+    if !access.allows(uid, cred.gid()) {
+        let error = format!(
+            "uid {uid} may not use the admin socket (allowed: {})",
+            access.who()
+        );
+        account(app, uid, "other", Some(&error), None);
+        let _ = send(&mut write, &Reply::error(error)).await;
+        return;
+    }
+    let mut reader = BufReader::new(read);
+    loop {
+        let line = match tokio::time::timeout(REQUEST_WAIT, read_line(&mut reader, MAX_REQUEST_BYTES))
+            .await
+        {
+            Ok(Ok(Line::Whole(line))) => line,
+            Ok(Ok(Line::Closed) | Err(_)) => return,
+            problem => {
+                let error = match problem {
+                    Ok(Ok(Line::TooLong)) => "the request is longer than 64 KiB",
+                    Ok(Ok(Line::Cut)) => "the request ended before its newline",
+                    _ => "no whole request line came within 30 seconds",
+                };
+                account(app, uid, "other", Some(error), None);
+                let _ = send(&mut write, &Reply::error(error)).await;
+                return;
+            }
+        };
+        let request = match serde_json::from_slice::<Request>(&line) {
+            Ok(request) => request,
+            Err(e) => {
+                let error = bounded(&format!("not a request: {e}"));
+                account(app, uid, "other", Some(&error), None);
+                if send(&mut write, &Reply::error(error)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let label = request.label();
+        let reply = match request {
+            Request::Sessions { select } => Reply {
+                ok: true,
+                sessions: Some(matching(app, &select).iter().map(|l| info(l)).collect()),
+                ..Reply::default()
+            },
+            Request::End { select, reason } => end(app, uid, &select, &reason).await,
+            Request::Watch { id } => return watch(app, uid, &id, reader, write).await,
+        };
+        account(app, uid, label, reply.error.as_deref(), None);
+        if send(&mut write, &reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes `message` as one JSON line, bounded by [`WRITE_LIMIT`].
+async fn send(to: &mut (impl AsyncWrite + Unpin), message: &impl serde::Serialize) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(message).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    match tokio::time::timeout(WRITE_LIMIT, to.write_all(&line)).await {
+        Ok(written) => written,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// The live sessions `select` names.
+fn matching(app: &App, select: &Select) -> Vec<Arc<Live>> {
+    app.live
+        .all()
+        .into_iter()
+        .filter(|live| {
+            let about = &live.about;
+            select.id.as_ref().is_none_or(|id| *id == about.id)
+                && select.bench.as_ref().is_none_or(|b| *b == about.bench)
+                && select.key_id.as_ref().is_none_or(|k| *k == about.key_id)
+                && select.serial.is_none_or(|s| s == about.serial)
+        })
+        .collect()
+}
+
+fn no_match(select: &Select) -> String {
+    match select {
+        Select {
+            id: Some(id),
+            bench: None,
+            key_id: None,
+            serial: None,
+        } => format!(
+            "no live session has id {} (it may have ended; `benchgate sessions` lists them)",
+            bounded(id)
+        ),
+        _ => format!("no live session matches {}", select.spoken()),
+    }
+}
+
+fn rfc3339(time: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+/// A live session as the socket lists it.
+fn info(live: &Live) -> SessionInfo {
+    let about = &live.about;
+    let (bytes_in, bytes_out) = live.bytes();
+    SessionInfo {
+        id: about.id.clone(),
+        bench: about.bench.clone(),
+        container: about.container.clone(),
+        endpoint: about.endpoint.clone(),
+        key_id: bounded(&about.key_id),
+        serial: about.serial,
+        ca: about.ca.clone(),
+        peer: about.peer.to_string(),
+        kind: about.kind.to_owned(),
+        command: about.command.as_deref().map(bounded),
+        tty: about.tty,
+        started: rfc3339(about.started),
+        idle_seconds: live.idle_for().as_secs(),
+        bytes_in,
+        bytes_out,
+        valid_before: rfc3339(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(about.valid_before.min(253_402_300_799)),
+        ),
+    }
+}
+
+/// Ends the sessions `select` names, telling each person `reason`, and waits (bounded) until
+/// they are gone.
+async fn end(app: &App, uid: u32, select: &Select, reason: &str) -> Reply {
+    if select.is_everything() {
+        return Reply::error("say which sessions to end: an id, --key-id, --serial or --bench");
+    }
+    let matched = matching(app, select);
+    if matched.is_empty() {
+        return Reply::error(no_match(select));
+    }
+    let reason = bounded(reason.trim());
+    let fresh: Vec<bool> = matched
+        .iter()
+        .map(|live| {
+            let fresh = live.end_by_operator(&reason);
+            if fresh {
+                tracing::info!(uid, session = %live.about.id, bench = %live.about.bench, reason = %reason, "session ended by an operator");
+                app.audit.record(
+                    &Event::about_session(Kind::SessionEndedByOperator, live)
+                        .uid(uid)
+                        .reason(reason.clone()),
+                );
+            }
+            fresh
+        })
+        .collect();
+    let gone = futures_util::future::join_all(
+        matched
+            .iter()
+            .map(|live| async { tokio::time::timeout(END_WAIT, live.gone()).await.is_ok() }),
+    )
+    .await;
+    let ended = matched
+        .iter()
+        .zip(fresh.into_iter().zip(gone))
+        .map(|(live, (fresh, gone))| EndedInfo {
+            session: info(live),
+            state: match (fresh, gone) {
+                (false, _) => "already ending",
+                (true, true) => "ended",
+                (true, false) => "ending",
+            }
+            .to_owned(),
+        })
+        .collect();
+    Reply {
+        ok: true,
+        ended: Some(ended),
+        ..Reply::default()
+    }
+}
+
+/// Streams the terminal output of session `id` until it ends or the watcher goes away.
+async fn watch(
+    app: &App,
+    uid: u32,
+    id: &str,
+    mut reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+) {
+    let live = app.live.get(id);
+    let watching = live.as_ref().and_then(|live| live.watch());
+    let (live, mut watching) = match (live, watching) {
+        (Some(live), Some(watching)) => (live, watching),
+        (live, _) => {
+            let error = match live {
+                None => no_match(&Select {
+                    id: Some(id.to_owned()),
+                    ..Select::default()
+                }),
+                Some(_) => format!(
+                    "session {} has no terminal: only terminal sessions can be watched",
+                    bounded(id)
+                ),
+            };
+            account(app, uid, "watch", Some(&error), Some(id));
+            let _ = send(&mut write, &Reply::error(error)).await;
+            return;
+        }
+    };
+    account(app, uid, "watch", None, Some(id));
+    if watching.first && app.admin.announce_watch {
+        live.tell(WATCH_NOTICE.to_owned());
+    }
+    let reply = Reply {
+        ok: true,
+        watching: Some(info(&live)),
+        ..Reply::default()
+    };
+    // The session's end must not wait on this watcher's handle.
+    drop(live);
+    let output = |bytes: &[u8]| WatchFrame::Output(base64::engine::general_purpose::STANDARD.encode(bytes));
+    if send(&mut write, &reply).await.is_err()
+        || send(&mut write, &output(&watching.recent)).await.is_err()
+    {
+        return;
+    }
+    loop {
+        let frame = tokio::select! {
+            frame = watching.frames.recv() => frame,
+            // The watcher closed its end (Ctrl-C) or sent something it should not.
+            _ = reader.fill_buf() => return,
+        };
+        let (frame, last) = match frame {
+            Some(Frame::Output(bytes)) => (output(&bytes), false),
+            Some(Frame::Dropped(n)) => (WatchFrame::Dropped(n), false),
+            Some(Frame::Resized(cols, rows)) => (WatchFrame::Resized(cols, rows), false),
+            Some(Frame::Ended(reason)) => (WatchFrame::Ended(reason), true),
+            None => (WatchFrame::Ended("ended".to_owned()), true),
+        };
+        if send(&mut write, &frame).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_and_the_daemons_user_are_allowed_others_only_through_the_group() {
+        let alone = Access {
+            daemon: 1000,
+            group: None,
+        };
+        assert!(alone.allows(0, 0));
+        assert!(alone.allows(1000, 1000));
+        assert!(!alone.allows(65534, 65534));
+        let with_group = Access {
+            daemon: 1000,
+            group: Some(("ops".into(), 4242)),
+        };
+        assert!(with_group.allows(65534, 4242), "primary group");
+        assert!(!with_group.allows(65534, 65534));
+    }
+}
