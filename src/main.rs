@@ -324,15 +324,15 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
         }
         let shutdown = CancellationToken::new();
         let shared = benchgate::start(&config, shutdown.clone()).await?;
+        if let Some(socket) = benchgate::admin::server::bind(&config.admin)? {
+            tokio::spawn(benchgate::admin::server::serve(shared.clone(), socket));
+        }
         let mut listeners = Vec::new();
         for addr in &config.server.listen.0 {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("server.listen: cannot bind {addr}"))?;
             listeners.push(listener);
-        }
-        if let Some(socket) = benchgate::admin::server::bind(&config.admin)? {
-            tokio::spawn(benchgate::admin::server::serve(shared.clone(), socket));
         }
         let config_path = (source != "built-in defaults").then(|| PathBuf::from(&source));
         tokio::spawn(signals(

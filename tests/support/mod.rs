@@ -71,6 +71,9 @@ impl Bastion {
         let (dir, config) = Self::prepare(edit);
         let shutdown = CancellationToken::new();
         let shared = benchgate::start(&config, shutdown.clone()).await.unwrap();
+        if let Some(socket) = benchgate::admin::server::bind(&config.admin).unwrap() {
+            tokio::spawn(benchgate::admin::server::serve(shared.clone(), socket));
+        }
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(benchgate::ssh::server::serve(
@@ -157,6 +160,8 @@ impl Bastion {
         config.log.audit_file = Optional(Some(dir.path().join("audit.log")));
         config.admin.socket = Optional(Some(dir.path().join("admin.sock")));
         edit(dir.path(), &mut config);
+        // For `benchgate sessions --config` (a spawned daemon's gets its listen address too).
+        std::fs::write(dir.path().join("benchgate.toml"), config.to_toml()).unwrap();
         (dir, config)
     }
 
@@ -402,6 +407,31 @@ impl Bastion {
             .iter()
             .filter_map(|e| e["peer"].as_str().map(str::to_owned))
             .collect()
+    }
+
+    /// Runs `benchgate sessions` with this daemon's config and `args`.
+    pub async fn sessions(&self, args: &[&str]) -> Run {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_benchgate"));
+        cmd.arg("sessions")
+            .arg("--config")
+            .arg(self.path("benchgate.toml"))
+            .args(args);
+        run_client(cmd, b"").await
+    }
+
+    /// Waits (bounded) until `benchgate sessions --json` lists `count` sessions; returns them.
+    pub async fn wait_for_sessions(&self, count: usize) -> Vec<serde_json::Value> {
+        let mut listed = Vec::new();
+        for _ in 0..100 {
+            let run = self.sessions(&["--json"]).await;
+            assert_eq!(run.code, Some(0), "{run:?}");
+            listed = serde_json::from_slice(&run.stdout).expect("sessions --json");
+            if listed.len() == count {
+                return listed;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("never {count} live sessions: {listed:?}");
     }
 
     /// Stops the daemon and waits for it.
