@@ -278,6 +278,15 @@ async fn a_terminal_session_is_watched_live_and_its_person_told_once() {
         watched.stderr()
     );
 
+    // Ctrl-C stops a watcher; the session and the other watcher go on.
+    let mut third = Client::watch(&bastion, &id);
+    third.wait_for(true, "tick").await;
+    run("kill", &["-INT", &third.child.id().unwrap().to_string()]);
+    assert_eq!(third.exit().await, Some(0), "{}", third.stderr());
+    assert!(third.stderr().contains("stopped watching"), "{}", third.stderr());
+    let now = last_tick(&second.stdout());
+    second.wait_for(true, &format!("tick {}", now + 2)).await;
+
     // Without a terminal there is nothing to watch.
     let plain_id = with_tty(false)["id"].as_str().unwrap().to_owned();
     let refused = bastion.sessions(&["watch", &plain_id]).await;
@@ -303,7 +312,7 @@ async fn a_terminal_session_is_watched_live_and_its_person_told_once() {
         .filter(|e| e["event"] == "admin.request" && e["request"] == "watch")
         .filter(|e| e["session"] == id.as_str() && e["reason"] == "ok")
         .count();
-    assert_eq!(watches, 2, "{events:?}");
+    assert_eq!(watches, 3, "{events:?}");
 }
 
 /// `nobody` cannot reach the socket through its mode, and when the mode is opened up by

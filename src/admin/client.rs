@@ -62,10 +62,17 @@ pub async fn run(socket: &Path, command: Command) -> anyhow::Result<()> {
     };
     let mut line = serde_json::to_vec(&request)?;
     line.push(b'\n');
-    write.write_all(&line).await.context("admin socket")?;
-    let reply: Reply = tokio::time::timeout(REPLY_WAIT, next(&mut reader))
+    // A refusal may come (and the daemon close) before the request is written: read it anyway.
+    let written = write.write_all(&line).await;
+    let reply = tokio::time::timeout(REPLY_WAIT, next::<Reply>(&mut reader))
         .await
-        .map_err(|_| anyhow!("the daemon did not answer within 30 seconds"))??;
+        .map_err(|_| anyhow!("the daemon did not answer within 30 seconds"))
+        .and_then(|reply| reply);
+    let reply = match (written, reply) {
+        (_, Ok(reply)) => reply,
+        (Err(e), Err(_)) => bail!("admin socket {}: {e}", socket.display()),
+        (Ok(()), Err(e)) => return Err(e),
+    };
     if let Some(error) = reply.error {
         bail!("{error}");
     }
