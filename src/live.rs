@@ -1,7 +1,7 @@
 //! Live sessions: what each running session is, its traffic, and the handles operators use
 //! through the admin socket to end it or watch its terminal.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -170,7 +170,7 @@ impl Live {
         let first = !screen.watched;
         screen.watched = true;
         Some(Watching {
-            recent: screen.recent.clone(),
+            recent: screen.replay(),
             size: screen.size,
             frames: receiver,
             first,
@@ -206,7 +206,10 @@ pub enum Frame {
 
 #[derive(Debug)]
 struct Screen {
-    recent: Vec<u8>,
+    /// The last [`RECENT_BYTES`] of output at most, from the last redraw when one was seen.
+    recent: VecDeque<u8>,
+    /// Whether older output was dropped from `recent` to keep it bounded.
+    cut: bool,
     size: (u32, u32),
     watchers: Vec<Watcher>,
     watched: bool,
@@ -246,27 +249,19 @@ impl Watcher {
 impl Screen {
     fn output(&mut self, written: &[u8]) {
         // From the last full redraw on, the earlier output no longer shows.
-        let start = SCREEN_STARTS
-            .iter()
-            .filter_map(|seq| find_last(written, seq))
-            .max();
-        match start {
+        match last_screen_start(written) {
             Some(at) => {
                 self.recent.clear();
+                self.cut = false;
                 // The redraw may rely on a cursor moved home before it.
-                self.recent.extend_from_slice(b"\x1b[H");
-                self.recent.extend_from_slice(&written[at..]);
+                self.recent.extend(b"\x1b[H");
+                self.recent.extend(&written[at..]);
             }
-            None => self.recent.extend_from_slice(written),
+            None => self.recent.extend(written),
         }
         if self.recent.len() > RECENT_BYTES {
-            // Cut at a line's start where there is one, so no escape sequence is cut in two.
-            let excess = self.recent.len() - RECENT_BYTES;
-            let cut = self.recent[excess..]
-                .iter()
-                .position(|&b| b == b'\n')
-                .map_or(excess, |at| excess + at + 1);
-            self.recent.drain(..cut);
+            self.recent.drain(..self.recent.len() - RECENT_BYTES);
+            self.cut = true;
         }
         if !self.watchers.is_empty() {
             let chunk = Bytes::copy_from_slice(written);
@@ -286,10 +281,26 @@ impl Screen {
             watcher.offer(Frame::Ended(reason.to_owned()), 0);
         }
     }
+
+    /// The recent output for a new watcher: when older output was dropped, from the first
+    /// line's start on, so no escape sequence is cut in two.
+    fn replay(&self) -> Vec<u8> {
+        let (front, back) = self.recent.as_slices();
+        let recent = [front, back].concat();
+        match memchr::memchr(b'\n', &recent) {
+            Some(at) if self.cut => recent[at + 1..].to_vec(),
+            _ => recent,
+        }
+    }
 }
 
-fn find_last(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).rposition(|w| w == needle)
+/// Where the last sequence that starts a new screen begins in `output`.
+fn last_screen_start(output: &[u8]) -> Option<usize> {
+    memchr::memrchr_iter(0x1b, output).find(|&at| {
+        SCREEN_STARTS
+            .iter()
+            .any(|seq| output[at..].starts_with(seq))
+    })
 }
 
 /// Every live session, by id.
@@ -306,7 +317,8 @@ impl Registry {
         let live = Arc::new(Live {
             screen: about.tty.map(|size| {
                 Mutex::new(Screen {
-                    recent: Vec::new(),
+                    recent: VecDeque::new(),
+                    cut: false,
                     size,
                     watchers: Vec::new(),
                     watched: false,
@@ -409,7 +421,10 @@ mod tests {
         let registry = Registry::default();
         let (listed, _) = registry.add(about("a", false));
         assert!(registry.get("a").is_some());
-        assert!(listed.live().watch().is_none(), "no terminal, nothing to watch");
+        assert!(
+            listed.live().watch().is_none(),
+            "no terminal, nothing to watch"
+        );
         drop(listed);
         assert!(registry.get("a").is_none());
         assert!(registry.all().is_empty());
@@ -422,7 +437,10 @@ mod tests {
         let live = listed.live();
         live.output(b"old line\r\n");
         live.output(b"x\x1b[2Jnew screen\r\n");
-        assert_eq!(live.watch().expect("tty").recent, b"\x1b[H\x1b[2Jnew screen\r\n");
+        assert_eq!(
+            live.watch().expect("tty").recent,
+            b"\x1b[H\x1b[2Jnew screen\r\n"
+        );
         let line = [b'y'; 99];
         for _ in 0..2000 {
             live.output(&line);

@@ -1,5 +1,6 @@
 //! The admin socket and `benchgate sessions`, with the real OpenSSH client into real
 //! containers: list, end, watch, who may ask, and bad requests.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 
@@ -127,15 +128,26 @@ async fn live_sessions_are_listed_with_their_fields_and_ended_ones_are_not() {
     let sessions = bastion.wait_for_sessions(2).await;
 
     let container_id = run("docker", &["inspect", "-f", "{{.Id}}", &container.name]);
-    let container_id = String::from_utf8_lossy(&container_id.stdout).trim().to_owned();
+    let container_id = String::from_utf8_lossy(&container_id.stdout)
+        .trim()
+        .to_owned();
     for session in &sessions {
         assert_eq!(session["bench"], bench, "{session}");
         assert_eq!(session["container"], container_id.as_str(), "{session}");
         assert_eq!(session["key_id"], "key-id-of-test", "{session}");
         assert_eq!(session["serial"], 77, "{session}");
-        assert!(session["ca"].as_str().unwrap().starts_with("SHA256:"), "{session}");
-        assert!(session["endpoint"].as_str().unwrap().starts_with("unix://"), "{session}");
-        assert!(session["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{session}");
+        assert!(
+            session["ca"].as_str().unwrap().starts_with("SHA256:"),
+            "{session}"
+        );
+        assert!(
+            session["endpoint"].as_str().unwrap().starts_with("unix://"),
+            "{session}"
+        );
+        assert!(
+            session["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+            "{session}"
+        );
         assert_eq!(session["id"].as_str().unwrap().len(), 12, "{session}");
         for time in ["started", "valid_before"] {
             humantime::parse_rfc3339(session[time].as_str().unwrap()).expect(time);
@@ -184,7 +196,10 @@ async fn ending_by_key_id_ends_only_that_certificates_sessions() {
         .await;
     assert_eq!(ended.code, Some(0), "{ended:?}");
     let text = ended.stdout_text();
-    assert!(text.starts_with(&format!("ended: {alice_id} (bench {bench}, key id alice")), "{text}");
+    assert!(
+        text.starts_with(&format!("ended: {alice_id} (bench {bench}, key id alice")),
+        "{text}"
+    );
     assert!(!text.contains(&bob_id), "{text}");
 
     assert_eq!(alices.exit().await, Some(255));
@@ -196,7 +211,10 @@ async fn ending_by_key_id_ends_only_that_certificates_sessions() {
         alices.stderr()
     );
     container.wait_gone("sleep 1234").await;
-    assert!(container.processes().iter().any(|p| p.contains("sleep 1235")));
+    assert!(container
+        .processes()
+        .iter()
+        .any(|p| p.contains("sleep 1235")));
     let left = bastion.wait_for_sessions(1).await;
     assert_eq!(left[0]["id"], bob_id.as_str());
 
@@ -219,10 +237,19 @@ async fn ending_by_key_id_ends_only_that_certificates_sessions() {
 
     // Nothing matched: exit 1 and a reason, nothing else ended.
     for (args, says) in [
-        (&["end", "--key-id", "alice"][..], "no live session matches --key-id alice"),
+        (
+            &["end", "--key-id", "alice"][..],
+            "no live session matches --key-id alice",
+        ),
         (&["end"][..], "say which sessions to end"),
-        (&["end", "0123456789ab"][..], "no live session has id 0123456789ab"),
-        (&["end", &bob_id, "--bench", "other"][..], "no live session matches"),
+        (
+            &["end", "0123456789ab"][..],
+            "no live session has id 0123456789ab",
+        ),
+        (
+            &["end", &bob_id, "--bench", "other"][..],
+            "no live session matches",
+        ),
     ] {
         let run = bastion.sessions(args).await;
         assert_eq!(run.code, Some(1), "{args:?}: {run:?}");
@@ -265,14 +292,19 @@ async fn a_terminal_session_is_watched_live_and_its_person_told_once() {
     first
         .wait_for(false, &format!("watching session {id} (bench {bench}"))
         .await;
-    watched.wait_for(false, "support staff are now watching").await;
+    watched
+        .wait_for(false, "support staff are now watching")
+        .await;
 
     let second = Client::watch(&bastion, &id);
     second.wait_for(true, "tick").await;
     let now = last_tick(&second.stdout());
     second.wait_for(true, &format!("tick {}", now + 3)).await;
     assert_eq!(
-        watched.stderr().matches("support staff are now watching").count(),
+        watched
+            .stderr()
+            .matches("support staff are now watching")
+            .count(),
         1,
         "told once: {}",
         watched.stderr()
@@ -283,7 +315,11 @@ async fn a_terminal_session_is_watched_live_and_its_person_told_once() {
     third.wait_for(true, "tick").await;
     run("kill", &["-INT", &third.child.id().unwrap().to_string()]);
     assert_eq!(third.exit().await, Some(0), "{}", third.stderr());
-    assert!(third.stderr().contains("stopped watching"), "{}", third.stderr());
+    assert!(
+        third.stderr().contains("stopped watching"),
+        "{}",
+        third.stderr()
+    );
     let now = last_tick(&second.stdout());
     second.wait_for(true, &format!("tick {}", now + 2)).await;
 
@@ -291,7 +327,11 @@ async fn a_terminal_session_is_watched_live_and_its_person_told_once() {
     let plain_id = with_tty(false)["id"].as_str().unwrap().to_owned();
     let refused = bastion.sessions(&["watch", &plain_id]).await;
     assert_eq!(refused.code, Some(1), "{refused:?}");
-    assert!(refused.stderr.contains("has no terminal"), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("has no terminal"),
+        "{}",
+        refused.stderr
+    );
     drop(plain);
 
     // The session ends: both watchers are told and exit.
@@ -336,15 +376,19 @@ async fn a_uid_that_is_not_an_admin_is_refused() {
     };
     let denied = as_nobody().await;
     assert_eq!(denied.code, Some(1), "{denied:?}");
-    assert!(denied.stderr.contains("Permission denied"), "{}", denied.stderr);
+    assert!(
+        denied.stderr.contains("Permission denied"),
+        "{}",
+        denied.stderr
+    );
 
     open(&bastion.path("admin.sock"), 0o666);
     let refused = as_nobody().await;
     assert_eq!(refused.code, Some(1), "{refused:?}");
     assert!(
-        refused
-            .stderr
-            .contains("uid 65534 may not use the admin socket (allowed: root and the daemon's user)"),
+        refused.stderr.contains(
+            "uid 65534 may not use the admin socket (allowed: root and the daemon's user)"
+        ),
         "{}",
         refused.stderr
     );
@@ -390,9 +434,18 @@ async fn malformed_huge_and_half_sent_requests_get_errors_and_change_nothing() {
         .unwrap();
     let answers = replies(stream, 4).await;
     assert_eq!(answers[0]["ok"], false);
-    assert!(answers[0]["error"].as_str().unwrap().starts_with("not a request"));
-    assert!(answers[1]["error"].as_str().unwrap().contains("unknown variant"));
-    assert!(answers[2]["error"].as_str().unwrap().contains("say which sessions"));
+    assert!(answers[0]["error"]
+        .as_str()
+        .unwrap()
+        .starts_with("not a request"));
+    assert!(answers[1]["error"]
+        .as_str()
+        .unwrap()
+        .contains("unknown variant"));
+    assert!(answers[2]["error"]
+        .as_str()
+        .unwrap()
+        .contains("say which sessions"));
     assert_eq!(answers[3]["ok"], true);
     assert_eq!(answers[3]["sessions"].as_array().unwrap().len(), 1);
 
@@ -416,7 +469,10 @@ async fn malformed_huge_and_half_sent_requests_get_errors_and_change_nothing() {
     stream.shutdown().await.unwrap();
     let answer = replies(stream, 1).await;
     assert!(
-        answer[0]["error"].as_str().unwrap().contains("ended before its newline"),
+        answer[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("ended before its newline"),
         "{answer:?}"
     );
 
@@ -432,8 +488,14 @@ async fn malformed_huge_and_half_sent_requests_get_errors_and_change_nothing() {
     flood.abort();
 
     // Nothing was ended by any of it.
-    assert_eq!(bastion.wait_for_sessions(1).await[0]["command"], "sleep 777");
-    assert!(container.processes().iter().any(|p| p.contains("sleep 777")));
+    assert_eq!(
+        bastion.wait_for_sessions(1).await[0]["command"],
+        "sleep 777"
+    );
+    assert!(container
+        .processes()
+        .iter()
+        .any(|p| p.contains("sleep 777")));
     assert!(!bastion
         .audit()
         .iter()
@@ -472,7 +534,11 @@ async fn an_unsafe_socket_path_refuses_start_and_a_stale_socket_is_replaced() {
     std::fs::write(&socket, "not a socket").unwrap();
     let out = support::run_client(serve(&config), b"").await;
     assert_eq!(out.code, Some(1), "{out:?}");
-    assert!(out.stderr.contains("exists and is not a socket"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("exists and is not a socket"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(std::fs::read_to_string(&socket).unwrap(), "not a socket");
     std::fs::remove_file(&socket).unwrap();
 
@@ -482,7 +548,11 @@ async fn an_unsafe_socket_path_refuses_start_and_a_stale_socket_is_replaced() {
     let config_shared = config_with_socket(dir.path(), "shared.toml", &shared.join("admin.sock"));
     let out = support::run_client(serve(&config_shared), b"").await;
     assert_eq!(out.code, Some(1), "{out:?}");
-    assert!(out.stderr.contains("is writable by others (mode 0777)"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("is writable by others (mode 0777)"),
+        "{}",
+        out.stderr
+    );
 
     // A socket left by a daemon that died is replaced; a live one is not.
     drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
@@ -498,8 +568,15 @@ async fn an_unsafe_socket_path_refuses_start_and_a_stale_socket_is_replaced() {
     assert_eq!(mode, 0o600);
     let second = support::run_client(serve(&config), b"").await;
     assert_eq!(second.code, Some(1), "{second:?}");
-    assert!(second.stderr.contains("another process"), "{}", second.stderr);
+    assert!(
+        second.stderr.contains("another process"),
+        "{}",
+        second.stderr
+    );
     run("kill", &["-TERM", &daemon.child.id().unwrap().to_string()]);
     assert_eq!(daemon.exit().await, Some(0), "{}", daemon.stderr());
-    assert!(!socket.exists(), "the daemon removes its socket when it stops");
+    assert!(
+        !socket.exists(),
+        "the daemon removes its socket when it stops"
+    );
 }

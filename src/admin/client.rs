@@ -46,7 +46,10 @@ pub async fn run(socket: &Path, command: Command) -> anyhow::Result<()> {
             }
             _ => "",
         };
-        anyhow!("cannot reach the admin socket {}: {e}{hint}", socket.display())
+        anyhow!(
+            "cannot reach the admin socket {}: {e}{hint}",
+            socket.display()
+        )
     })?;
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
@@ -102,7 +105,9 @@ pub async fn run(socket: &Path, command: Command) -> anyhow::Result<()> {
             text
         }
         Command::Watch { .. } => {
-            let session = reply.watching.context("the daemon's reply names no session")?;
+            let session = reply
+                .watching
+                .context("the daemon's reply names no session")?;
             return watch(&session, &mut reader, &mut stdout).await;
         }
     };
@@ -138,6 +143,9 @@ async fn watch(
         "benchgate: watching session {} (bench {}, key id {}, terminal {cols}x{rows}), read-only; Ctrl-C stops",
         session.id, session.bench, session.key_id
     );
+    let _quiet = Quiet::new();
+    let mut sanitizer = Sanitizer::default();
+    let mut clean = Vec::new();
     loop {
         let frame = tokio::select! {
             frame = next::<WatchFrame>(reader) => frame?,
@@ -156,7 +164,9 @@ async fn watch(
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(text)
                     .context("unreadable output frame")?;
-                stdout.write_all(&bytes).await?;
+                clean.clear();
+                sanitizer.filter(&bytes, &mut clean);
+                stdout.write_all(&clean).await?;
                 stdout.flush().await?;
             }
             WatchFrame::Dropped(n) => {
@@ -169,6 +179,88 @@ async fn watch(
                 eprintln!("\r\nbenchgate: the session ended ({reason})");
                 return Ok(());
             }
+        }
+    }
+}
+
+/// The watcher's terminal, quiet while it shows someone else's output: no echo, so answers
+/// to the terminal queries in that output (cursor position...) do not show; they are thrown
+/// away at the end, so none reaches the watcher's shell as typed input.
+struct Quiet(Option<nix::sys::termios::Termios>);
+
+impl Quiet {
+    fn new() -> Self {
+        use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
+        let stdin = std::io::stdin();
+        let Ok(saved) = tcgetattr(&stdin) else {
+            return Self(None);
+        };
+        let mut quiet = saved.clone();
+        quiet
+            .local_flags
+            .remove(LocalFlags::ECHO | LocalFlags::ICANON);
+        let _ = tcsetattr(&stdin, SetArg::TCSANOW, &quiet);
+        Self(Some(saved))
+    }
+}
+
+impl Drop for Quiet {
+    fn drop(&mut self) {
+        use nix::sys::termios::{tcflush, tcsetattr, FlushArg, SetArg};
+        if let Some(saved) = &self.0 {
+            let stdin = std::io::stdin();
+            let _ = tcflush(&stdin, FlushArg::TCIFLUSH);
+            let _ = tcsetattr(&stdin, SetArg::TCSANOW, saved);
+        }
+    }
+}
+
+/// Drops the control strings a watched person could aim at the watcher's terminal: OSC
+/// (titles, clipboard, hyperlinks), DCS (status requests), APC, PM and SOS. Text, colours and
+/// cursor movement pass. Keeps its state from one chunk to the next.
+#[derive(Debug, Default)]
+struct Sanitizer(Scan);
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    #[default]
+    Text,
+    /// After ESC.
+    Escape,
+    /// Inside a control string, dropped.
+    String,
+    /// After ESC inside a control string.
+    StringEscape,
+}
+
+impl Sanitizer {
+    fn filter(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        const ESC: u8 = 0x1b;
+        for &b in input {
+            self.0 = match (self.0, b) {
+                (Scan::Text, ESC) => Scan::Escape,
+                (Scan::Text, _) => {
+                    out.push(b);
+                    Scan::Text
+                }
+                (Scan::Escape | Scan::StringEscape, b']' | b'P' | b'_' | b'^' | b'X') => {
+                    Scan::String
+                }
+                (Scan::StringEscape, b'\\') => Scan::Text,
+                (Scan::Escape | Scan::StringEscape, ESC) => {
+                    if self.0 == Scan::Escape {
+                        out.push(ESC);
+                    }
+                    Scan::Escape
+                }
+                (Scan::Escape | Scan::StringEscape, _) => {
+                    out.extend_from_slice(&[ESC, b]);
+                    Scan::Text
+                }
+                (Scan::String, 0x07) => Scan::Text,
+                (Scan::String, ESC) => Scan::StringEscape,
+                (Scan::String, _) => Scan::String,
+            };
         }
     }
 }
@@ -294,8 +386,14 @@ mod tests {
         let text = table(&[session]);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2);
-        assert!(lines[0].starts_with("ID            BENCH  CONTAINER"), "{text}");
-        assert!(lines[1].starts_with("3f2a9c0d41b7  shop   0123456789ab "), "{text}");
+        assert!(
+            lines[0].starts_with("ID            BENCH  CONTAINER"),
+            "{text}"
+        );
+        assert!(
+            lines[1].starts_with("3f2a9c0d41b7  shop   0123456789ab "),
+            "{text}"
+        );
         for cell in ["SHA256:abcdefgh…", "2m", "100B", "1.5M", "bench migrate"] {
             assert!(lines[1].contains(cell), "{cell} in {text}");
         }
@@ -303,6 +401,31 @@ mod tests {
         let at = |line: &str, cell: &str| line[..line.find(cell).expect(cell)].chars().count();
         assert_eq!(at(lines[0], "KEY_ID"), at(lines[1], "alice@"));
         assert_eq!(at(lines[0], "COMMAND"), at(lines[1], "bench migrate"));
+    }
+
+    #[test]
+    fn control_strings_are_dropped_and_the_rest_passes_across_chunks() {
+        let filter = |chunks: &[&[u8]]| {
+            let mut sanitizer = Sanitizer::default();
+            let mut out = Vec::new();
+            for chunk in chunks {
+                sanitizer.filter(chunk, &mut out);
+            }
+            String::from_utf8(out).expect("utf-8")
+        };
+        assert_eq!(
+            filter(&[b"a\x1b[1;31mred\x1b[0m\r\n"]),
+            "a\x1b[1;31mred\x1b[0m\r\n"
+        );
+        // A title, a clipboard write and a status request, whole or cut across chunks.
+        assert_eq!(filter(&[b"x\x1b]0;title\x07y"]), "xy");
+        assert_eq!(filter(&[b"x\x1b]52;c;cm0gLXJm\x1b", b"\\y"]), "xy");
+        assert_eq!(filter(&[b"x\x1b", b"P$qm\x1b\\y"]), "xy");
+        assert_eq!(filter(&[b"\x1b_apc\x07\x1b^pm\x07\x1bXsos\x07ok"]), "ok");
+        // ESC ESC keeps the second; a string cut by a new escape ends there.
+        assert_eq!(filter(&[b"\x1b\x1b[H"]), "\x1b\x1b[H");
+        assert_eq!(filter(&[b"\x1b]0;t\x1b[2Jz"]), "\x1b[2Jz");
+        assert_eq!(filter(&[b"caf\xc3\xa9 \xe2\x9d\x9d"]), "café ❝");
     }
 
     #[test]

@@ -244,22 +244,23 @@ async fn connection(app: &App, access: &Access, stream: UnixStream) {
     }
     let mut reader = BufReader::new(read);
     loop {
-        let line = match tokio::time::timeout(REQUEST_WAIT, read_line(&mut reader, MAX_REQUEST_BYTES))
-            .await
-        {
-            Ok(Ok(Line::Whole(line))) => line,
-            Ok(Ok(Line::Closed) | Err(_)) => return,
-            problem => {
-                let error = match problem {
-                    Ok(Ok(Line::TooLong)) => "the request is longer than 64 KiB",
-                    Ok(Ok(Line::Cut)) => "the request ended before its newline",
-                    _ => "no whole request line came within 30 seconds",
-                };
-                account(app, uid, "other", Some(error), None);
-                let _ = send(&mut write, &Reply::error(error)).await;
-                return;
-            }
-        };
+        let line =
+            match tokio::time::timeout(REQUEST_WAIT, read_line(&mut reader, MAX_REQUEST_BYTES))
+                .await
+            {
+                Ok(Ok(Line::Whole(line))) => line,
+                Ok(Ok(Line::Closed) | Err(_)) => return,
+                problem => {
+                    let error = match problem {
+                        Ok(Ok(Line::TooLong)) => "the request is longer than 64 KiB",
+                        Ok(Ok(Line::Cut)) => "the request ended before its newline",
+                        _ => "no whole request line came within 30 seconds",
+                    };
+                    account(app, uid, "other", Some(error), None);
+                    let _ = send(&mut write, &Reply::error(error)).await;
+                    return;
+                }
+            };
         let request = match serde_json::from_slice::<Request>(&line) {
             Ok(request) => request,
             Err(e) => {
@@ -289,7 +290,10 @@ async fn connection(app: &App, access: &Access, stream: UnixStream) {
 }
 
 /// Writes `message` as one JSON line, bounded by [`WRITE_LIMIT`].
-async fn send(to: &mut (impl AsyncWrite + Unpin), message: &impl serde::Serialize) -> std::io::Result<()> {
+async fn send(
+    to: &mut (impl AsyncWrite + Unpin),
+    message: &impl serde::Serialize,
+) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(message).map_err(std::io::Error::other)?;
     line.push(b'\n');
     match tokio::time::timeout(WRITE_LIMIT, to.write_all(&line)).await {
@@ -449,7 +453,8 @@ async fn watch(
     };
     // The session's end must not wait on this watcher's handle.
     drop(live);
-    let output = |bytes: &[u8]| WatchFrame::Output(base64::engine::general_purpose::STANDARD.encode(bytes));
+    let output =
+        |bytes: &[u8]| WatchFrame::Output(base64::engine::general_purpose::STANDARD.encode(bytes));
     if send(&mut write, &reply).await.is_err()
         || send(&mut write, &output(&watching.recent)).await.is_err()
     {

@@ -218,7 +218,9 @@ async fn session(
     let kind = request.kind();
     metrics::exec_started(started.elapsed());
     let _active = metrics::ActiveSession::open(kind);
-    let (listed, mut told) = app.live.add(about(request, &bench, &endpoint_url, processes.tag()));
+    let (listed, mut told) = app
+        .live
+        .add(about(request, &bench, &endpoint_url, processes.tag()));
     let live = listed.live().clone();
     tracing::info!(peer = %request.peer, bench = %bench_name, container = %bench.container, kind, session = %live.about.id, "session started");
     app.audit
