@@ -279,6 +279,7 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
             _ => report += &format!("# revocation list {} loaded\n", path.display()),
         }
     }
+    report += &format!("# {}\n", benchgate::admin::server::describe(&config.admin)?);
     for ca in &trust.cas {
         report += &format!("# trusted user CA {}\n", ca.fingerprint);
     }

@@ -400,6 +400,27 @@ async fn a_uid_that_is_not_an_admin_is_refused() {
     assert_eq!(bastion.sessions(&[]).await.code, Some(0));
 }
 
+/// With `[admin] group`, the socket is 0660 and that group's members may use it.
+#[tokio::test]
+async fn a_member_of_the_admin_group_may_use_the_socket() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let bastion = Bastion::start(|_, config| config.admin.group = "nogroup".into()).await;
+    let meta = std::fs::metadata(bastion.path("admin.sock")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), 65534);
+    for (path, mode) in [(bastion.dir.path(), 0o755), (&*bastion.path("benchgate.toml"), 0o644)] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_benchgate"))
+        .args(["sessions", "--config"])
+        .arg(bastion.path("benchgate.toml"));
+    let listed = support::run_client(cmd, b"").await;
+    assert_eq!(listed.code, Some(0), "{listed:?}");
+    assert_eq!(listed.stdout_text(), "no live sessions\n");
+}
+
 /// Reads reply lines from a raw admin connection.
 async fn replies(stream: UnixStream, count: usize) -> Vec<serde_json::Value> {
     let mut lines = BufReader::new(stream).lines();

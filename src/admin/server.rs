@@ -42,6 +42,24 @@ struct Access {
 }
 
 impl Access {
+    /// Root, the daemon's user (this process's), and `[admin] group` if it names a group.
+    fn from_config(admin: &config::Admin) -> anyhow::Result<Self> {
+        let group = match admin.group.as_str() {
+            "" => None,
+            name => {
+                let group = nix::unistd::Group::from_name(name)
+                    .ok()
+                    .flatten()
+                    .with_context(|| format!("admin.group: no group named {name:?}"))?;
+                Some((name.to_owned(), group.gid.as_raw()))
+            }
+        };
+        Ok(Self {
+            daemon: nix::unistd::geteuid().as_raw(),
+            group,
+        })
+    }
+
     fn allows(&self, uid: u32, gid: u32) -> bool {
         if uid == 0 || uid == self.daemon {
             return true;
@@ -101,16 +119,7 @@ pub fn bind(admin: &config::Admin) -> anyhow::Result<Option<Socket>> {
         return Ok(None);
     };
     let context = || format!("admin.socket {}", path.display());
-    let group = match admin.group.as_str() {
-        "" => None,
-        name => {
-            let group = nix::unistd::Group::from_name(name)
-                .ok()
-                .flatten()
-                .with_context(|| format!("admin.group: no group named {name:?}"))?;
-            Some((name.to_owned(), group.gid.as_raw()))
-        }
-    };
+    let access = Access::from_config(admin)?;
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
@@ -128,7 +137,6 @@ pub fn bind(admin: &config::Admin) -> anyhow::Result<Option<Socket>> {
                 )
             })?;
     }
-    let euid = nix::unistd::geteuid().as_raw();
     let meta = std::fs::metadata(dir).with_context(context)?;
     if meta.mode() & 0o022 != 0 {
         bail!(
@@ -139,7 +147,7 @@ pub fn bind(admin: &config::Admin) -> anyhow::Result<Option<Socket>> {
             meta.mode() & 0o7777
         );
     }
-    if meta.uid() != 0 && meta.uid() != euid {
+    if meta.uid() != 0 && meta.uid() != access.daemon {
         bail!(
             "{}: its directory {} belongs to uid {}, who could replace the socket",
             context(),
@@ -161,9 +169,9 @@ pub fn bind(admin: &config::Admin) -> anyhow::Result<Option<Socket>> {
         Err(_) => {}
     }
     let listener = UnixListener::bind(path).with_context(context)?;
-    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    let mode = if access.group.is_some() { 0o660 } else { 0o600 };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(context)?;
-    if let Some((_, gid)) = &group {
+    if let Some((_, gid)) = &access.group {
         nix::unistd::chown(path, None, Some((*gid).into())).with_context(context)?;
     }
     let meta = std::fs::symlink_metadata(path).with_context(context)?;
@@ -171,11 +179,21 @@ pub fn bind(admin: &config::Admin) -> anyhow::Result<Option<Socket>> {
         listener,
         path: path.clone(),
         inode: (meta.dev(), meta.ino()),
-        access: Access {
-            daemon: euid,
-            group,
-        },
+        access,
     }))
+}
+
+/// What `check-config` says about the admin socket: where it is and who may use it.
+pub fn describe(admin: &config::Admin) -> anyhow::Result<String> {
+    let access = Access::from_config(admin)?;
+    Ok(match &admin.socket.0 {
+        None => "admin socket off".to_owned(),
+        Some(path) => format!(
+            "admin socket {} for {} (`benchgate sessions`)",
+            path.display(),
+            access.who()
+        ),
+    })
 }
 
 /// Serves the admin socket for as long as the daemon runs (through a shutdown's grace too);
