@@ -10,8 +10,11 @@ use anyhow::{anyhow, bail, Context as _};
 use base64::Engine as _;
 use tokio::io::{AsyncWriteExt as _, BufReader};
 use tokio::net::UnixStream;
+use tokio_util::sync::CancellationToken;
 
+use super::terminal::Allowed;
 use super::{read_line, Line, Reply, Request, Select, SessionInfo, WatchFrame};
+use crate::auth::bounded;
 
 /// Longest reply line the client reads (a long session list).
 const MAX_REPLY_BYTES: usize = 64 * 1024 * 1024;
@@ -132,7 +135,9 @@ fn json(value: &impl serde::Serialize) -> anyhow::Result<String> {
     Ok(serde_json::to_string_pretty(value)? + "\n")
 }
 
-/// Copies the watched terminal's output to `stdout` until the session ends or Ctrl-C.
+/// Copies the watched terminal's output to `stdout`, filtered for this terminal (see
+/// [`Allowed`]), until the session ends, Ctrl-C, SIGTERM or SIGHUP; every way out undoes
+/// what the output may have left set.
 async fn watch(
     session: &SessionInfo,
     reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
@@ -143,126 +148,70 @@ async fn watch(
         "benchgate: watching session {} (bench {}, key id {}, terminal {cols}x{rows}), read-only; Ctrl-C stops",
         session.id, session.bench, session.key_id
     );
-    let _quiet = Quiet::new();
-    let mut sanitizer = Sanitizer::default();
-    let mut clean = Vec::new();
-    loop {
-        let frame = tokio::select! {
-            frame = next::<WatchFrame>(reader) => frame?,
-            _ = tokio::signal::ctrl_c() => {
-                if std::io::stdout().is_terminal() {
-                    // Attributes and a hidden cursor the watched program left set.
-                    stdout.write_all(b"\x1b[0m\x1b[?25h").await?;
-                    stdout.flush().await?;
-                }
-                eprintln!("\r\nbenchgate: stopped watching");
-                return Ok(());
-            }
-        };
-        match frame {
-            WatchFrame::Output(text) => {
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(text)
-                    .context("unreadable output frame")?;
-                clean.clear();
-                sanitizer.filter(&bytes, &mut clean);
-                stdout.write_all(&clean).await?;
-                stdout.flush().await?;
-            }
-            WatchFrame::Dropped(n) => {
-                eprintln!("\r\nbenchgate: {n} bytes of output skipped: this watcher fell behind\r")
-            }
-            WatchFrame::Resized(cols, rows) => {
-                eprintln!("\r\nbenchgate: the session's terminal is now {cols}x{rows}\r")
-            }
-            WatchFrame::Ended(reason) => {
-                eprintln!("\r\nbenchgate: the session ended ({reason})");
-                return Ok(());
-            }
-        }
-    }
-}
-
-/// The watcher's terminal, quiet while it shows someone else's output: no echo, so answers
-/// to the terminal queries in that output (cursor position...) do not show; they are thrown
-/// away at the end, so none reaches the watcher's shell as typed input.
-struct Quiet(Option<nix::sys::termios::Termios>);
-
-impl Quiet {
-    fn new() -> Self {
-        use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
-        let stdin = std::io::stdin();
-        let Ok(saved) = tcgetattr(&stdin) else {
-            return Self(None);
-        };
-        let mut quiet = saved.clone();
-        quiet
-            .local_flags
-            .remove(LocalFlags::ECHO | LocalFlags::ICANON);
-        let _ = tcsetattr(&stdin, SetArg::TCSANOW, &quiet);
-        Self(Some(saved))
-    }
-}
-
-impl Drop for Quiet {
-    fn drop(&mut self) {
-        use nix::sys::termios::{tcflush, tcsetattr, FlushArg, SetArg};
-        if let Some(saved) = &self.0 {
-            let stdin = std::io::stdin();
-            let _ = tcflush(&stdin, FlushArg::TCIFLUSH);
-            let _ = tcsetattr(&stdin, SetArg::TCSANOW, saved);
-        }
-    }
-}
-
-/// Drops the control strings a watched person could aim at the watcher's terminal: OSC
-/// (titles, clipboard, hyperlinks), DCS (status requests), APC, PM and SOS. Text, colours and
-/// cursor movement pass. Keeps its state from one chunk to the next.
-#[derive(Debug, Default)]
-struct Sanitizer(Scan);
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-enum Scan {
-    #[default]
-    Text,
-    /// After ESC.
-    Escape,
-    /// Inside a control string, dropped.
-    String,
-    /// After ESC inside a control string.
-    StringEscape,
-}
-
-impl Sanitizer {
-    fn filter(&mut self, input: &[u8], out: &mut Vec<u8>) {
-        const ESC: u8 = 0x1b;
-        for &b in input {
-            self.0 = match (self.0, b) {
-                (Scan::Text, ESC) => Scan::Escape,
-                (Scan::Text, _) => {
-                    out.push(b);
-                    Scan::Text
-                }
-                (Scan::Escape | Scan::StringEscape, b']' | b'P' | b'_' | b'^' | b'X') => {
-                    Scan::String
-                }
-                (Scan::StringEscape, b'\\') => Scan::Text,
-                (Scan::Escape | Scan::StringEscape, ESC) => {
-                    if self.0 == Scan::Escape {
-                        out.push(ESC);
-                    }
-                    Scan::Escape
-                }
-                (Scan::Escape | Scan::StringEscape, _) => {
-                    out.extend_from_slice(&[ESC, b]);
-                    Scan::Text
-                }
-                (Scan::String, 0x07) => Scan::Text,
-                (Scan::String, ESC) => Scan::StringEscape,
-                (Scan::String, _) => Scan::String,
+    let stop = stop_on_signals()?;
+    let mut allowed = Allowed::default();
+    let ended = async {
+        loop {
+            let frame = tokio::select! {
+                () = stop.cancelled() => return Ok(None),
+                frame = next::<WatchFrame>(reader) => frame?,
             };
+            match frame {
+                WatchFrame::Output(text) => {
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(text)
+                        .context("unreadable output frame")?;
+                    let clean = allowed.filter(&bytes);
+                    // A paused terminal (Ctrl-S) must not keep Ctrl-C from stopping the watch.
+                    tokio::select! {
+                        () = stop.cancelled() => return Ok(None),
+                        written = async {
+                            stdout.write_all(clean).await?;
+                            stdout.flush().await
+                        } => written?,
+                    }
+                }
+                WatchFrame::Dropped(n) => {
+                    eprintln!("\r\nbenchgate: {n} bytes of output skipped: this watcher fell behind\r")
+                }
+                WatchFrame::Resized(cols, rows) => {
+                    eprintln!("\r\nbenchgate: the session's terminal is now {cols}x{rows}\r")
+                }
+                WatchFrame::Ended(reason) => return anyhow::Ok(Some(reason)),
+            }
         }
     }
+    .await;
+    if std::io::stdout().is_terminal() {
+        use std::io::Write as _;
+        let mut terminal = std::io::stdout();
+        let _ = terminal.write_all(allowed.reset());
+        let _ = terminal.flush();
+    }
+    match ended? {
+        Some(reason) => eprintln!("\r\nbenchgate: the session ended ({})", bounded(&reason)),
+        None => eprintln!("\r\nbenchgate: stopped watching"),
+    }
+    Ok(())
+}
+
+/// A token cancelled by the first SIGINT, SIGTERM or SIGHUP from now on.
+fn stop_on_signals() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let stop = CancellationToken::new();
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let cancel = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+            _ = hup.recv() => {}
+        }
+        cancel.cancel();
+    });
+    Ok(stop)
 }
 
 /// The sessions as an aligned table, one line each.
@@ -401,31 +350,6 @@ mod tests {
         let at = |line: &str, cell: &str| line[..line.find(cell).expect(cell)].chars().count();
         assert_eq!(at(lines[0], "KEY_ID"), at(lines[1], "alice@"));
         assert_eq!(at(lines[0], "COMMAND"), at(lines[1], "bench migrate"));
-    }
-
-    #[test]
-    fn control_strings_are_dropped_and_the_rest_passes_across_chunks() {
-        let filter = |chunks: &[&[u8]]| {
-            let mut sanitizer = Sanitizer::default();
-            let mut out = Vec::new();
-            for chunk in chunks {
-                sanitizer.filter(chunk, &mut out);
-            }
-            String::from_utf8(out).expect("utf-8")
-        };
-        assert_eq!(
-            filter(&[b"a\x1b[1;31mred\x1b[0m\r\n"]),
-            "a\x1b[1;31mred\x1b[0m\r\n"
-        );
-        // A title, a clipboard write and a status request, whole or cut across chunks.
-        assert_eq!(filter(&[b"x\x1b]0;title\x07y"]), "xy");
-        assert_eq!(filter(&[b"x\x1b]52;c;cm0gLXJm\x1b", b"\\y"]), "xy");
-        assert_eq!(filter(&[b"x\x1b", b"P$qm\x1b\\y"]), "xy");
-        assert_eq!(filter(&[b"\x1b_apc\x07\x1b^pm\x07\x1bXsos\x07ok"]), "ok");
-        // ESC ESC keeps the second; a string cut by a new escape ends there.
-        assert_eq!(filter(&[b"\x1b\x1b[H"]), "\x1b\x1b[H");
-        assert_eq!(filter(&[b"\x1b]0;t\x1b[2Jz"]), "\x1b[2Jz");
-        assert_eq!(filter(&[b"caf\xc3\xa9 \xe2\x9d\x9d"]), "café ❝");
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 pub mod client;
 pub mod server;
+pub mod terminal;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
