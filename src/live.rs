@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 pub const RECENT_BYTES: usize = 64 * 1024;
 /// Frames queued for one watcher; past that, output to it is dropped (and counted) rather
 /// than slowing the session.
-const WATCH_QUEUE: usize = 256;
+const WATCH_QUEUE: usize = 64;
 /// Lines told to the person by the admin side, waiting for the session to write them.
 const NOTES_QUEUE: usize = 4;
 /// Sequences after which a terminal's screen is drawn anew: clear screen, reset, and the
@@ -67,7 +67,12 @@ pub struct Live {
     bytes_out: AtomicU64,
     tail: Mutex<Vec<u8>>,
     end: CancellationToken,
-    end_reason: Mutex<String>,
+    /// The operator's reason, once an operator ended it.
+    operator: Mutex<Option<String>>,
+    /// Why it ended, once it has: its processes are being ended.
+    ended: Mutex<Option<String>>,
+    /// Its processes may have outlived it: the teardown gave up.
+    left_running: AtomicBool,
     gone: CancellationToken,
     screen: Option<Mutex<Screen>>,
     notes: mpsc::Sender<String>,
@@ -137,10 +142,11 @@ impl Live {
     /// Asks the session to end because an operator said so, for `reason` (told to the
     /// person); `false` when it was already asked.
     pub fn end_by_operator(&self, reason: &str) -> bool {
-        if self.end.is_cancelled() {
+        let mut operator = lock(&self.operator);
+        if operator.is_some() {
             return false;
         }
-        *lock(&self.end_reason) = reason.to_owned();
+        *operator = Some(reason.to_owned());
         self.end.cancel();
         true
     }
@@ -148,7 +154,17 @@ impl Live {
     /// Resolves with the operator's reason once an operator ended the session.
     pub async fn ended_by_operator(&self) -> String {
         self.end.cancelled().await;
-        lock(&self.end_reason).clone()
+        lock(&self.operator).clone().unwrap_or_default()
+    }
+
+    /// Why the session ended, once it has (its processes may still be ending).
+    pub fn ended(&self) -> Option<String> {
+        lock(&self.ended).clone()
+    }
+
+    /// Whether the session's processes may have outlived it (its teardown gave up).
+    pub fn left_running(&self) -> bool {
+        self.left_running.load(Ordering::Relaxed)
     }
 
     /// Resolves once the session is over (no longer listed).
@@ -303,16 +319,18 @@ fn last_screen_start(output: &[u8]) -> Option<usize> {
     })
 }
 
+type Sessions = Arc<Mutex<BTreeMap<String, Arc<Live>>>>;
+
 /// Every live session, by id.
 #[derive(Debug, Default)]
 pub struct Registry {
-    sessions: Mutex<BTreeMap<String, Arc<Live>>>,
+    sessions: Sessions,
 }
 
 impl Registry {
     /// Lists a session that just started until the returned handle is dropped; the receiver
     /// gets the lines the admin side asks the session to tell the person.
-    pub fn add(&self, about: About) -> (Listed<'_>, mpsc::Receiver<String>) {
+    pub fn add(&self, about: About) -> (Listed, mpsc::Receiver<String>) {
         let (notes, told) = mpsc::channel(NOTES_QUEUE);
         let live = Arc::new(Live {
             screen: about.tty.map(|size| {
@@ -331,7 +349,9 @@ impl Registry {
             bytes_out: AtomicU64::new(0),
             tail: Mutex::new(Vec::new()),
             end: CancellationToken::new(),
-            end_reason: Mutex::new(String::new()),
+            operator: Mutex::new(None),
+            ended: Mutex::new(None),
+            left_running: AtomicBool::new(false),
             gone: CancellationToken::new(),
             notes,
         });
@@ -339,7 +359,7 @@ impl Registry {
         (
             Listed {
                 live,
-                registry: self,
+                sessions: self.sessions.clone(),
             },
             told,
         )
@@ -356,30 +376,37 @@ impl Registry {
     }
 }
 
-/// A session's place in the [`Registry`], given up when dropped.
+/// A session's place in the [`Registry`], given up when dropped (once its processes are gone).
 #[derive(Debug)]
-pub struct Listed<'a> {
+pub struct Listed {
     live: Arc<Live>,
-    registry: &'a Registry,
+    sessions: Sessions,
 }
 
-impl Listed<'_> {
+impl Listed {
     /// The listed session.
     pub fn live(&self) -> &Arc<Live> {
         &self.live
     }
 
-    /// Tells the watchers the session ended for `reason`.
+    /// The session ended for `reason` (its processes may still be ending); its watchers are
+    /// told.
     pub fn ended(&self, reason: &str) {
+        *lock(&self.live.ended) = Some(reason.to_owned());
         if let Some(screen) = &self.live.screen {
             lock(screen).ended(reason);
         }
     }
+
+    /// Its teardown gave up: processes may be left.
+    pub fn left_running(&self) {
+        self.live.left_running.store(true, Ordering::Relaxed);
+    }
 }
 
-impl Drop for Listed<'_> {
+impl Drop for Listed {
     fn drop(&mut self) {
-        let mut sessions = lock(&self.registry.sessions);
+        let mut sessions = lock(&self.sessions);
         if sessions
             .get(&self.live.about.id)
             .is_some_and(|listed| Arc::ptr_eq(listed, &self.live))

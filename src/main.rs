@@ -100,18 +100,21 @@ enum Command {
     },
 }
 
-/// Which sessions: those matching every option given.
+/// Which sessions: those matching every option given (before or after `end`).
 #[derive(clap::Args)]
 struct SelectArgs {
     /// Only sessions into this bench.
-    #[arg(long)]
+    #[arg(long, global = true)]
     bench: Option<String>,
-    /// Only sessions of certificates with this key ID.
-    #[arg(long)]
+    /// Only sessions of certificates with this key ID (as given, or as listed).
+    #[arg(long, global = true)]
     key_id: Option<String>,
-    /// Only sessions of the certificate with this serial.
-    #[arg(long)]
+    /// Only sessions of certificates with this serial.
+    #[arg(long, global = true)]
     serial: Option<u64>,
+    /// Only sessions of certificates from this CA (its SHA256: fingerprint).
+    #[arg(long, global = true)]
+    ca: Option<String>,
 }
 
 impl SelectArgs {
@@ -121,6 +124,7 @@ impl SelectArgs {
             bench: self.bench,
             key_id: self.key_id,
             serial: self.serial,
+            ca: self.ca,
         }
     }
 }
@@ -132,14 +136,12 @@ enum SessionsAction {
     End {
         /// The session's id (from `benchgate sessions`).
         id: Option<String>,
-        #[command(flatten)]
-        select: SelectArgs,
         /// Told to the person: "your session was ended by an operator: REASON".
         #[arg(long, default_value = "")]
         reason: String,
     },
     /// Watch a terminal session's output, read-only, starting with its current screen; Ctrl-C
-    /// stops.
+    /// stops. Exits 1 when no such terminal session is live.
     Watch {
         /// The session's id (from `benchgate sessions`).
         id: String,
@@ -185,19 +187,31 @@ fn main() -> ExitCode {
             action,
         } => {
             use benchgate::admin::client::Command as Admin;
+            let select = select.with_id(None);
             let command = match action {
-                None => Admin::List {
-                    select: select.with_id(None),
-                    json,
-                },
-                Some(SessionsAction::End { id, select, reason }) => Admin::End {
-                    select: select.with_id(id),
+                None => Admin::List { select, json },
+                Some(SessionsAction::End { id, reason }) => Admin::End {
+                    select: benchgate::admin::Select { id, ..select },
                     reason,
                     json,
                 },
-                Some(SessionsAction::Watch { id }) => Admin::Watch { id },
+                Some(SessionsAction::Watch { id }) if select.is_everything() => Admin::Watch { id },
+                Some(SessionsAction::Watch { .. }) => {
+                    eprintln!("benchgate: `sessions watch` takes a session id only");
+                    return ExitCode::from(2);
+                }
             };
-            sessions(config.as_deref(), command)
+            // 1: nothing matched (as grep); 2: anything else went wrong.
+            return match sessions(config.as_deref(), command) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("benchgate: {e:#}");
+                    match e.downcast_ref::<benchgate::admin::client::NoMatch>() {
+                        Some(_) => ExitCode::FAILURE,
+                        None => ExitCode::from(2),
+                    }
+                }
+            };
         }
         Command::Explain {
             config,
@@ -325,7 +339,7 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
         }
         let shutdown = CancellationToken::new();
         let shared = benchgate::start(&config, shutdown.clone()).await?;
-        if let Some(socket) = benchgate::admin::server::bind(&config.admin)? {
+        if let Some(socket) = benchgate::admin::server::bind(&config.admin).await? {
             tokio::spawn(benchgate::admin::server::serve(shared.clone(), socket));
         }
         let mut listeners = Vec::new();

@@ -235,27 +235,79 @@ async fn ending_by_key_id_ends_only_that_certificates_sessions() {
         .iter()
         .any(|e| e["event"] == "admin.request" && e["request"] == "end" && e["uid"] == 0));
 
-    // Nothing matched: exit 1 and a reason, nothing else ended.
-    for (args, says) in [
+    // Nothing matched: exit 1 (2 for a request that names nothing) and a reason, nothing else
+    // ended.
+    for (args, code, says) in [
         (
             &["end", "--key-id", "alice"][..],
+            1,
             "no live session matches --key-id alice",
         ),
-        (&["end"][..], "say which sessions to end"),
+        (&["end"][..], 2, "say which sessions to end"),
         (
             &["end", "0123456789ab"][..],
+            1,
             "no live session has id 0123456789ab",
         ),
         (
             &["end", &bob_id, "--bench", "other"][..],
+            1,
             "no live session matches",
+        ),
+        (
+            &["--bench", "other", "end", &bob_id][..],
+            1,
+            "no live session matches",
+        ),
+        (
+            &["watch", &bob_id, "--key-id", "bob"][..],
+            2,
+            "takes a session id only",
         ),
     ] {
         let run = bastion.sessions(args).await;
-        assert_eq!(run.code, Some(1), "{args:?}: {run:?}");
+        assert_eq!(run.code, Some(code), "{args:?}: {run:?}");
         assert!(run.stderr.contains(says), "{args:?}: {}", run.stderr);
     }
     assert_eq!(bastion.wait_for_sessions(1).await[0]["id"], bob_id.as_str());
+}
+
+/// Serials are unique per CA only: a serial that two CAs' certificates carry ends nothing
+/// until the CA is named too.
+#[tokio::test]
+async fn a_serial_alone_does_not_choose_between_cas() {
+    use benchgate::config::NonEmpty;
+    let (bastion, container, _) = bench_and_bastion(&[], &[], |dir, config| {
+        support::keygen(dir, "ca2", "ed25519");
+        config.auth.trusted_user_ca_keys = NonEmpty(vec![dir.join("ca.pub"), dir.join("ca2.pub")]);
+    })
+    .await;
+    let bench = container.bench.as_str();
+    let alice = bastion.user_with_cert("alice", "ca", &["-n", bench, "-I", "alice", "-z", "5"]);
+    let bob = bastion.user_with_cert("bob", "ca2", &["-n", bench, "-I", "bob", "-z", "5"]);
+    let mut alices = Client::ssh(&bastion, bench, &alice, &[], "sleep 1236");
+    let _bobs = Client::ssh(&bastion, bench, &bob, &[], "sleep 1237");
+    let sessions = bastion.wait_for_sessions(2).await;
+    let ambiguous = bastion.sessions(&["end", "--serial", "5"]).await;
+    assert_eq!(ambiguous.code, Some(2), "{ambiguous:?}");
+    assert!(
+        ambiguous
+            .stderr
+            .contains("serial 5 names certificates of 2 CAs"),
+        "{}",
+        ambiguous.stderr
+    );
+    let alice_ca = sessions.iter().find(|s| s["key_id"] == "alice").unwrap()["ca"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Selectors may come before the subcommand too.
+    let ended = bastion
+        .sessions(&["--serial", "5", "--ca", &alice_ca, "end"])
+        .await;
+    assert_eq!(ended.code, Some(0), "{ended:?}");
+    assert_eq!(alices.exit().await, Some(255));
+    assert_eq!(bastion.wait_for_sessions(1).await[0]["key_id"], "bob");
 }
 
 #[tokio::test]
@@ -375,7 +427,7 @@ async fn a_uid_that_is_not_an_admin_is_refused() {
         support::run_client(cmd, b"").await
     };
     let denied = as_nobody().await;
-    assert_eq!(denied.code, Some(1), "{denied:?}");
+    assert_eq!(denied.code, Some(2), "{denied:?}");
     assert!(
         denied.stderr.contains("Permission denied"),
         "{}",
@@ -384,7 +436,7 @@ async fn a_uid_that_is_not_an_admin_is_refused() {
 
     open(&bastion.path("admin.sock"), 0o666);
     let refused = as_nobody().await;
-    assert_eq!(refused.code, Some(1), "{refused:?}");
+    assert_eq!(refused.code, Some(2), "{refused:?}");
     assert!(
         refused.stderr.contains(
             "uid 65534 may not use the admin socket (allowed: root and the daemon's user)"
@@ -408,7 +460,10 @@ async fn a_member_of_the_admin_group_may_use_the_socket() {
     let meta = std::fs::metadata(bastion.path("admin.sock")).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     assert_eq!(meta.gid(), 65534);
-    for (path, mode) in [(bastion.dir.path(), 0o755), (&*bastion.path("benchgate.toml"), 0o644)] {
+    for (path, mode) in [
+        (bastion.dir.path(), 0o755),
+        (&*bastion.path("benchgate.toml"), 0o644),
+    ] {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
     }
     let mut cmd = Command::new("setpriv");

@@ -21,6 +21,11 @@ const MAX_REPLY_BYTES: usize = 64 * 1024 * 1024;
 /// How long a reply may take.
 const REPLY_WAIT: Duration = Duration::from_secs(30);
 
+/// The daemon found no live session matching the request (exit status 1, as grep's).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NoMatch(String);
+
 /// What `benchgate sessions` was asked to do.
 #[derive(Debug, Clone)]
 pub enum Command {
@@ -79,7 +84,12 @@ pub async fn run(socket: &Path, command: Command) -> anyhow::Result<()> {
         (Err(e), Err(_)) => bail!("admin socket {}: {e}", socket.display()),
         (Ok(()), Err(e)) => return Err(e),
     };
+    // The daemon's words are escaped like everything else it sends.
     if let Some(error) = reply.error {
+        let error = bounded(&error);
+        if reply.no_match {
+            return Err(NoMatch(error).into());
+        }
         bail!("{error}");
     }
     let mut stdout = tokio::io::stdout();
@@ -124,8 +134,12 @@ async fn next<T: serde::de::DeserializeOwned>(
     reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
 ) -> anyhow::Result<T> {
     match read_line(reader, MAX_REPLY_BYTES).await? {
-        Line::Whole(line) => serde_json::from_slice(&line)
-            .with_context(|| format!("unreadable reply: {}", String::from_utf8_lossy(&line))),
+        Line::Whole(line) => serde_json::from_slice(&line).with_context(|| {
+            format!(
+                "unreadable reply: {}",
+                bounded(&String::from_utf8_lossy(&line))
+            )
+        }),
         Line::Closed | Line::Cut => bail!("the daemon closed the admin connection"),
         Line::TooLong => bail!("the daemon's reply is longer than 64 MiB"),
     }
@@ -172,7 +186,9 @@ async fn watch(
                     }
                 }
                 WatchFrame::Dropped(n) => {
-                    eprintln!("\r\nbenchgate: {n} bytes of output skipped: this watcher fell behind\r")
+                    eprintln!(
+                        "\r\nbenchgate: {n} bytes of output skipped: this watcher fell behind\r"
+                    )
                 }
                 WatchFrame::Resized(cols, rows) => {
                     eprintln!("\r\nbenchgate: the session's terminal is now {cols}x{rows}\r")
@@ -216,7 +232,7 @@ fn stop_on_signals() -> anyhow::Result<CancellationToken> {
 
 /// The sessions as an aligned table, one line each.
 pub fn table(sessions: &[SessionInfo]) -> String {
-    const HEADER: [&str; 15] = [
+    const HEADER: [&str; 16] = [
         "ID",
         "BENCH",
         "CONTAINER",
@@ -226,6 +242,7 @@ pub fn table(sessions: &[SessionInfo]) -> String {
         "CA",
         "PEER",
         "KIND",
+        "STATE",
         "STARTED",
         "IDLE",
         "IN",
@@ -233,7 +250,7 @@ pub fn table(sessions: &[SessionInfo]) -> String {
         "VALID_BEFORE",
         "COMMAND",
     ];
-    let rows: Vec<[String; 15]> = sessions
+    let rows: Vec<[String; 16]> = sessions
         .iter()
         .map(|s| {
             [
@@ -246,6 +263,7 @@ pub fn table(sessions: &[SessionInfo]) -> String {
                 cut(&s.ca, 15, "…"),
                 s.peer.clone(),
                 s.kind.clone(),
+                s.state.clone(),
                 s.started.clone(),
                 idle(s.idle_seconds),
                 size(s.bytes_in),
@@ -255,6 +273,8 @@ pub fn table(sessions: &[SessionInfo]) -> String {
                     .as_deref()
                     .map_or("-".to_owned(), |c| cut(c, 48, "…")),
             ]
+            // What the daemon sent is escaped like everything else it says.
+            .map(|cell| bounded(&cell))
         })
         .collect();
     let mut widths = HEADER.map(|h| h.chars().count());
@@ -324,6 +344,7 @@ mod tests {
             ca: "SHA256:abcdefghijklmnopqrstuvwxyz".into(),
             peer: "203.0.113.7:50122".into(),
             kind: "exec".into(),
+            state: "running".into(),
             command: Some("bench migrate".into()),
             tty: None,
             started: "2026-12-06T19:00:00Z".into(),

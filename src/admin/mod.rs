@@ -34,6 +34,9 @@ pub struct Select {
     /// The certificate's serial.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub serial: Option<u64>,
+    /// The fingerprint of the certificate's CA (serials are unique per CA only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
 }
 
 impl Select {
@@ -56,6 +59,9 @@ impl Select {
         }
         if let Some(serial) = self.serial {
             parts.push(format!("--serial {serial}"));
+        }
+        if let Some(ca) = &self.ca {
+            parts.push(format!("--ca {ca}"));
         }
         crate::auth::bounded(&parts.join(", "))
     }
@@ -119,6 +125,8 @@ pub struct SessionInfo {
     pub peer: String,
     /// "shell" or "exec".
     pub kind: String,
+    /// "running", or "ending (REASON)" while its processes are being ended.
+    pub state: String,
     /// The command, when one was given.
     pub command: Option<String>,
     /// The terminal's size (columns, rows), for a terminal session.
@@ -140,8 +148,9 @@ pub struct SessionInfo {
 pub struct EndedInfo {
     /// The session.
     pub session: SessionInfo,
-    /// "ended" (gone), "ending" (still on its ladder when the reply was sent), or
-    /// "already ending" (an earlier request ended it).
+    /// "ended" (its processes are gone), "ending" (still on its way when the reply was sent),
+    /// "already ending" (an earlier request ended it), or "ended, but..." when its teardown
+    /// gave up.
     pub state: String,
 }
 
@@ -153,6 +162,9 @@ pub struct Reply {
     /// Why not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Not carried out because no live session matched.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_match: bool,
     /// `sessions`: the sessions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sessions: Option<Vec<SessionInfo>>,
@@ -170,6 +182,14 @@ impl Reply {
         Self {
             error: Some(error.into()),
             ..Self::default()
+        }
+    }
+
+    /// A refusal because no live session matched, saying `error`.
+    pub fn no_match(error: impl Into<String>) -> Self {
+        Self {
+            no_match: true,
+            ..Self::error(error)
         }
     }
 }

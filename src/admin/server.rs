@@ -22,15 +22,20 @@ use crate::live::{Frame, Live};
 use crate::metrics;
 
 /// Admin connections at once (watchers included); more are told to come back later.
-const MAX_CONNECTIONS: usize = 32;
+const MAX_CONNECTIONS: usize = 64;
 /// Longest request line.
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// How long a connection may take to send its next whole request.
 const REQUEST_WAIT: Duration = Duration::from_secs(30);
 /// How long one reply (or watch frame) may wait for the peer to read.
 const WRITE_LIMIT: Duration = Duration::from_secs(5);
-/// How long an `end` waits for the sessions it ended to be gone before it replies.
-const END_WAIT: Duration = Duration::from_secs(5);
+/// How long an `end` waits for the sessions it ended to be gone (their processes ended)
+/// before it replies.
+const END_WAIT: Duration = Duration::from_secs(10);
+/// How long a user database lookup (group membership) may take.
+const LOOKUP_LIMIT: Duration = Duration::from_secs(2);
+/// Watches at once, within [`MAX_CONNECTIONS`]: the rest stay free for `sessions` and `end`.
+const MAX_WATCHES: usize = 16;
 /// What a watched person is told, once per session, when `[admin] announce_watch` is on.
 pub const WATCH_NOTICE: &str = "benchgate: support staff are now watching this session (read-only)";
 
@@ -60,14 +65,24 @@ impl Access {
         })
     }
 
-    fn allows(&self, uid: u32, gid: u32) -> bool {
+    /// Whether `uid` (with primary group `gid`) may use the socket. Group membership comes
+    /// from the user database, which may be remote (LDAP, sssd): looked up off the runtime's
+    /// threads, and refused when it does not answer in time.
+    async fn allows(&self, uid: u32, gid: u32) -> bool {
         if uid == 0 || uid == self.daemon {
             return true;
         }
-        let Some((_, group)) = &self.group else {
+        let Some((_, group)) = self.group.clone() else {
             return false;
         };
-        gid == *group || groups_of(uid).contains(group)
+        if gid == group {
+            return true;
+        }
+        let lookup = tokio::task::spawn_blocking(move || groups_of(uid).contains(&group));
+        matches!(
+            tokio::time::timeout(LOOKUP_LIMIT, lookup).await,
+            Ok(Ok(true))
+        )
     }
 
     fn who(&self) -> String {
@@ -113,13 +128,28 @@ impl Drop for Socket {
 
 /// Binds the socket `[admin]` names, if it names one. Refuses a directory others can write to,
 /// a path that is something other than a socket, and a socket another process answers on; a
-/// stale socket is replaced. Needs the async runtime.
-pub fn bind(admin: &config::Admin) -> anyhow::Result<Option<Socket>> {
+/// stale socket is replaced. A socket at the default path that cannot be bound (no
+/// `RuntimeDirectory`, not root) is reported and left out: the daemon serves without it.
+pub async fn bind(admin: &config::Admin) -> anyhow::Result<Option<Socket>> {
     let Some(path) = &admin.socket.0 else {
         return Ok(None);
     };
-    let context = || format!("admin.socket {}", path.display());
     let access = Access::from_config(admin)?;
+    match open(path, access).await {
+        Ok(socket) => Ok(Some(socket)),
+        Err(e) if path.as_os_str() == config::DEFAULT_ADMIN_SOCKET => {
+            tracing::warn!(
+                error = %format!("{e:#}"),
+                "no admin socket: `benchgate sessions` will not reach this daemon"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn open(path: &Path, access: Access) -> anyhow::Result<Socket> {
+    let context = || format!("admin.socket {}", path.display());
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
@@ -155,32 +185,49 @@ pub fn bind(admin: &config::Admin) -> anyhow::Result<Option<Socket>> {
             meta.uid()
         );
     }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if !meta.file_type().is_socket() => bail!(
-            "{}: the path exists and is not a socket; benchgate does not replace it",
-            context()
-        ),
-        Ok(_) if std::os::unix::net::UnixStream::connect(path).is_ok() => bail!(
-            "{}: another process (another benchgate?) is serving on it",
-            context()
-        ),
-        // Left by a daemon that did not get to remove it.
-        Ok(_) => std::fs::remove_file(path).with_context(context)?,
-        Err(_) => {}
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            bail!(
+                "{}: the path exists and is not a socket; benchgate does not replace it",
+                context()
+            );
+        }
+        let probe = tokio::time::timeout(Duration::from_secs(1), UnixStream::connect(path)).await;
+        match probe {
+            // Left by a daemon that did not get to remove it.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path).with_context(context)?
+            }
+            Ok(Err(e)) => bail!("{}: cannot tell whether it is in use: {e}", context()),
+            Ok(Ok(_)) | Err(_) => bail!(
+                "{}: another process (another benchgate?) is serving on it",
+                context()
+            ),
+        }
     }
     let listener = UnixListener::bind(path).with_context(context)?;
     let mode = if access.group.is_some() { 0o660 } else { 0o600 };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(context)?;
-    if let Some((_, gid)) = &access.group {
-        nix::unistd::chown(path, None, Some((*gid).into())).with_context(context)?;
-    }
     let meta = std::fs::symlink_metadata(path).with_context(context)?;
-    Ok(Some(Socket {
+    if let Some((name, gid)) = &access.group {
+        // Not needed when the group is the daemon's own (the shipped unit forbids chown).
+        if meta.gid() != *gid {
+            nix::unistd::chown(path, None, Some((*gid).into())).with_context(|| {
+                format!(
+                    "{}: cannot give the socket to group {name} (under the shipped systemd \
+                     unit, use the service's own group, `[admin] group = \"benchgate\"`, and \
+                     add operators to it)",
+                    context()
+                )
+            })?;
+        }
+    }
+    Ok(Socket {
         listener,
-        path: path.clone(),
+        path: path.to_owned(),
         inode: (meta.dev(), meta.ino()),
         access,
-    }))
+    })
 }
 
 /// What `check-config` says about the admin socket: where it is and who may use it.
@@ -200,6 +247,7 @@ pub fn describe(admin: &config::Admin) -> anyhow::Result<String> {
 /// its file is removed when the task is dropped.
 pub async fn serve(app: Arc<App>, socket: Socket) {
     let places = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let watches = Arc::new(Semaphore::new(MAX_WATCHES));
     let access = Arc::new(socket.access.clone());
     loop {
         let stream = match socket.listener.accept().await {
@@ -210,10 +258,10 @@ pub async fn serve(app: Arc<App>, socket: Socket) {
                 continue;
             }
         };
-        let (app, access) = (app.clone(), access.clone());
+        let (app, access, watches) = (app.clone(), access.clone(), watches.clone());
         match places.clone().try_acquire_owned() {
             Ok(place) => tokio::spawn(async move {
-                connection(&app, &access, stream).await;
+                connection(&app, &access, &watches, stream).await;
                 drop(place);
             }),
             Err(_) => tokio::spawn(async move {
@@ -245,13 +293,13 @@ fn account(app: &App, uid: u32, request: &'static str, error: Option<&str>, sess
 }
 
 /// Answers the requests of one connection, in order.
-async fn connection(app: &App, access: &Access, stream: UnixStream) {
+async fn connection(app: &App, access: &Access, watches: &Arc<Semaphore>, stream: UnixStream) {
     let Ok(cred) = stream.peer_cred() else {
         return;
     };
     let uid = cred.uid();
     let (read, mut write) = stream.into_split();
-    if !access.allows(uid, cred.gid()) {
+    if !access.allows(uid, cred.gid()).await {
         let error = format!(
             "uid {uid} may not use the admin socket (allowed: {})",
             access.who()
@@ -298,7 +346,15 @@ async fn connection(app: &App, access: &Access, stream: UnixStream) {
                 ..Reply::default()
             },
             Request::End { select, reason } => end(app, uid, &select, &reason).await,
-            Request::Watch { id } => return watch(app, uid, &id, reader, write).await,
+            Request::Watch { id } => {
+                let Ok(_place) = watches.clone().try_acquire_owned() else {
+                    let error = format!("too many watchers at once ({MAX_WATCHES}); try again");
+                    account(app, uid, label, Some(&error), Some(&id));
+                    let _ = send(&mut write, &Reply::error(error)).await;
+                    return;
+                };
+                return watch(app, uid, &id, reader, write).await;
+            }
         };
         account(app, uid, label, reply.error.as_deref(), None);
         if send(&mut write, &reply).await.is_err() {
@@ -329,8 +385,13 @@ fn matching(app: &App, select: &Select) -> Vec<Arc<Live>> {
             let about = &live.about;
             select.id.as_ref().is_none_or(|id| *id == about.id)
                 && select.bench.as_ref().is_none_or(|b| *b == about.bench)
-                && select.key_id.as_ref().is_none_or(|k| *k == about.key_id)
+                // The key ID as given, or as listed (escaped and cut).
+                && select
+                    .key_id
+                    .as_ref()
+                    .is_none_or(|k| *k == about.key_id || *k == bounded(&about.key_id))
                 && select.serial.is_none_or(|s| s == about.serial)
+                && select.ca.as_ref().is_none_or(|ca| *ca == about.ca)
         })
         .collect()
 }
@@ -342,6 +403,7 @@ fn no_match(select: &Select) -> String {
             bench: None,
             key_id: None,
             serial: None,
+            ca: None,
         } => format!(
             "no live session has id {} (it may have ended; `benchgate sessions` lists them)",
             bounded(id)
@@ -368,6 +430,10 @@ fn info(live: &Live) -> SessionInfo {
         ca: about.ca.clone(),
         peer: about.peer.to_string(),
         kind: about.kind.to_owned(),
+        state: match live.ended() {
+            None => "running".to_owned(),
+            Some(reason) => format!("ending ({reason})"),
+        },
         command: about.command.as_deref().map(bounded),
         tty: about.tty,
         started: rfc3339(about.started),
@@ -388,7 +454,20 @@ async fn end(app: &App, uid: u32, select: &Select, reason: &str) -> Reply {
     }
     let matched = matching(app, select);
     if matched.is_empty() {
-        return Reply::error(no_match(select));
+        return Reply::no_match(no_match(select));
+    }
+    // Serials are unique per CA only (and 0 when the CA gave none).
+    if let (Some(serial), None) = (select.serial, &select.ca) {
+        let mut cas: Vec<&str> = matched.iter().map(|l| l.about.ca.as_str()).collect();
+        cas.sort_unstable();
+        cas.dedup();
+        if cas.len() > 1 {
+            return Reply::error(format!(
+                "serial {serial} names certificates of {} CAs ({}): add --ca",
+                cas.len(),
+                cas.join(", ")
+            ));
+        }
     }
     let reason = bounded(reason.trim());
     let fresh: Vec<bool> = matched
@@ -419,6 +498,9 @@ async fn end(app: &App, uid: u32, select: &Select, reason: &str) -> Reply {
             session: info(live),
             state: match (fresh, gone) {
                 (false, _) => "already ending",
+                (true, true) if live.left_running() => {
+                    "ended, but its processes may still run (teardown gave up)"
+                }
                 (true, true) => "ended",
                 (true, false) => "ending",
             }
@@ -456,7 +538,7 @@ async fn watch(
                 ),
             };
             account(app, uid, "watch", Some(&error), Some(id));
-            let _ = send(&mut write, &Reply::error(error)).await;
+            let _ = send(&mut write, &Reply::no_match(error)).await;
             return;
         }
     };
@@ -501,20 +583,20 @@ async fn watch(
 mod tests {
     use super::*;
 
-    #[test]
-    fn root_and_the_daemons_user_are_allowed_others_only_through_the_group() {
+    #[tokio::test]
+    async fn root_and_the_daemons_user_are_allowed_others_only_through_the_group() {
         let alone = Access {
             daemon: 1000,
             group: None,
         };
-        assert!(alone.allows(0, 0));
-        assert!(alone.allows(1000, 1000));
-        assert!(!alone.allows(65534, 65534));
+        assert!(alone.allows(0, 0).await);
+        assert!(alone.allows(1000, 1000).await);
+        assert!(!alone.allows(65534, 65534).await);
         let with_group = Access {
             daemon: 1000,
             group: Some(("ops".into(), 4242)),
         };
-        assert!(with_group.allows(65534, 4242), "primary group");
-        assert!(!with_group.allows(65534, 65534));
+        assert!(with_group.allows(65534, 4242).await, "primary group");
+        assert!(!with_group.allows(65534, 65534).await);
     }
 }

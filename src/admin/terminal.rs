@@ -67,7 +67,8 @@ impl Perform for State {
         // U+0080..U+009F: C1 controls written as UTF-8, which some terminals act on.
         if !c.is_control() {
             let mut buf = [0u8; 4];
-            self.out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            self.out
+                .extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
         }
     }
 
@@ -190,9 +191,15 @@ mod tests {
             (&[b"\xc2\x9d52;c;aGk=\xc2\x9c!"], b"52;c;aGk=!"),
             (&[b"\x9b6n!"], b"6n!"),
             // Reports and requests: cursor position, DA, window size and title, DECRQM, ENQ, BEL.
-            (&[b"\x1b[6n\x1b[c\x1b[>c\x1b[14t\x1b[21t\x1b[?2004$p\x05\x07!"], b"!"),
+            (
+                &[b"\x1b[6n\x1b[c\x1b[>c\x1b[14t\x1b[21t\x1b[?2004$p\x05\x07!"],
+                b"!",
+            ),
             // Mouse, focus and bracketed paste reporting; keypad and cursor-key modes.
-            (&[b"\x1b[?1000h\x1b[?1006h\x1b[?1004h\x1b[?2004h\x1b[?1h\x1b=!"], b"!"),
+            (
+                &[b"\x1b[?1000h\x1b[?1006h\x1b[?1004h\x1b[?2004h\x1b[?1h\x1b=!"],
+                b"!",
+            ),
             // A mix keeps what is allowed.
             (&[b"\x1b[?25;1000l"], b"\x1b[?25l"),
             (&[b"\x1b[4;20h"], b"\x1b[4h"),

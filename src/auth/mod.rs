@@ -304,7 +304,7 @@ pub fn bounded(text: &str) -> String {
             out.push('…');
             break;
         }
-        if c.is_control() {
+        if c.is_control() || is_invisible_format(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
@@ -313,9 +313,27 @@ pub fn bounded(text: &str) -> String {
     out
 }
 
+/// Unicode format characters that change how text shows without showing themselves
+/// (bidi overrides and isolates, zero-width characters, the BOM, tags): escaped, so two
+/// different untrusted strings never look the same in a log or a table.
+fn is_invisible_format(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}'
+        | '\u{E0001}' | '\u{E0020}'..='\u{E007F}')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bounded_text_shows_invisible_characters() {
+        assert_eq!(bounded("alice\u{202E}moc.evil"), "alice\\u{202e}moc.evil");
+        assert_eq!(bounded("bob\u{200B}"), "bob\\u{200b}");
+        assert_eq!(bounded("tab\there"), "tab\\there");
+        assert_eq!(bounded("café"), "café");
+    }
 
     #[test]
     fn bench_names_follow_the_pattern() {

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
 
 use super::exec::{self, Exec, Spec, MARKER_VAR};
@@ -80,7 +81,8 @@ impl Session {
                 Ok((session, started))
             }
             Err(e) => {
-                session.end(None, tracker);
+                // Nothing waits for this teardown: the session never started.
+                drop(session.end(None, tracker));
                 Err(e)
             }
         }
@@ -108,18 +110,19 @@ impl Session {
     }
 
     /// Ends what the session left running. `status` is the wrapper's exit status when the
-    /// command exited: below 128 the wrapper has done it. Otherwise a teardown exec runs in the
-    /// background on `tracker`, retried.
-    pub fn end(self, status: Option<u32>, tracker: &TaskTracker) {
+    /// command exited: below 128 the wrapper has done it (`None` is returned). Otherwise a
+    /// teardown exec runs in the background on `tracker`, retried; its task says whether the
+    /// processes were ended.
+    pub fn end(self, status: Option<u32>, tracker: &TaskTracker) -> Option<JoinHandle<bool>> {
         if status.is_some_and(|code| code < 128) {
-            return;
+            return None;
         }
-        tracker.spawn(async move {
+        Some(tracker.spawn(async move {
             let container = &self.container;
             // An engine hiccup must not leave the session's processes running: retry, bounded.
             for attempt in 1..=TEARDOWN_ATTEMPTS {
                 match exec::terminate(&self.endpoint, container, &self.user, &self.marker).await {
-                    Ok(()) => return,
+                    Ok(()) => return true,
                     Err(e) => {
                         crate::metrics::docker_error(e.op());
                         tracing::warn!(%container, attempt, error = %e, "session teardown failed");
@@ -128,7 +131,8 @@ impl Session {
                 tokio::time::sleep(Duration::from_secs(attempt.into())).await;
             }
             tracing::error!(%container, "session processes may still be running: teardown gave up");
-        });
+            false
+        }))
     }
 }
 

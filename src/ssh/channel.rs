@@ -349,9 +349,15 @@ async fn session(
         Exit::Code(code) => Some(code),
         Exit::ClientGone | Exit::EndedByServer(_) | Exit::EndedByOperator => None,
     };
-    processes.end(status, &app.tracker);
-    // Listed until its processes are on their way out: an operator who ended it sees it gone.
-    drop(listed);
+    // Listed until its processes are gone: an operator who ended it sees when they are.
+    if let Some(teardown) = processes.end(status, &app.tracker) {
+        app.tracker.spawn(async move {
+            if !teardown.await.unwrap_or(false) {
+                listed.left_running();
+            }
+            drop(listed);
+        });
+    }
 }
 
 /// The exit status to report once the output has ended; tells the user when the container
