@@ -314,7 +314,8 @@ async fn a_serial_alone_does_not_choose_between_cas() {
 async fn a_terminal_session_is_watched_live_and_its_person_told_once() {
     let (bastion, container, key) = bench_and_bastion(&[], &[], |_, _| {}).await;
     let bench = container.bench.as_str();
-    let ticking = "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.2; done";
+    // A clipboard write and a cursor position request first: the customer chooses the output.
+    let ticking = r"printf '\033]52;c;cm0gLXJm\007\033[6n'; i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.2; done";
     let mut watched = Client::ssh(&bastion, bench, &key, &["-tt"], ticking);
     let plain = Client::ssh(&bastion, bench, &key, &[], "sleep 600");
     bastion.wait_for_sessions(2).await;
@@ -344,6 +345,14 @@ async fn a_terminal_session_is_watched_live_and_its_person_told_once() {
     first
         .wait_for(false, &format!("watching session {id} (bench {bench}"))
         .await;
+    // The watched person's terminal got them; the watcher's gets neither.
+    assert!(
+        watched.stdout().contains("\x1b]52;c;"),
+        "{:?}",
+        watched.stdout()
+    );
+    assert!(!first.stdout().contains("\x1b]"), "{:?}", first.stdout());
+    assert!(!first.stdout().contains("\x1b[6n"), "{:?}", first.stdout());
     watched
         .wait_for(false, "support staff are now watching")
         .await;
