@@ -1,7 +1,10 @@
 //! What every connection shares: settings, audit sink, bench index, limits and the background
 //! work shutdown waits for.
 
+use std::path::Path;
 use std::sync::Arc;
+
+use anyhow::Context as _;
 use std::time::Duration;
 
 use ssh_key::PrivateKey;
@@ -10,11 +13,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::audit::Audit;
 use crate::config::{self, Config, Net};
+use crate::docker::benches::Changes;
 use crate::docker::Index;
 use crate::flow::{Budgets, Pool};
 use crate::limits::Quota;
 use crate::live::Registry;
-use crate::settings::Settings;
+use crate::settings::{self, Settings};
 
 /// The daemon's shared state.
 pub struct App {
@@ -82,6 +86,21 @@ impl App {
             )),
             _ => None,
         }
+    }
+
+    /// SIGHUP: re-reads the config at `path` and applies its trust, revocations, session and
+    /// lifetime settings and its Docker endpoints together, or, when anything in it is wrong,
+    /// nothing.
+    pub fn reload(&self, path: &Path) -> anyhow::Result<Changes> {
+        let config = Config::load(path)?;
+        settings::prepare(&config)?;
+        let settings = Settings::load(&config)?;
+        let plan = self
+            .benches
+            .plan(&config.docker)
+            .context("docker.endpoints")?;
+        self.settings.send_replace(Arc::new(settings));
+        Ok(self.benches.apply(plan))
     }
 
     /// The settings in force now.

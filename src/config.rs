@@ -159,7 +159,7 @@ impl Default for Docker {
 }
 
 /// `[[docker.endpoints]]`: one Docker engine.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Endpoint {
     /// `unix:///path/to/docker.sock` or `tcp://host:port`.

@@ -350,11 +350,7 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
             listeners.push(listener);
         }
         let config_path = (source != "built-in defaults").then(|| PathBuf::from(&source));
-        tokio::spawn(signals(
-            shutdown.clone(),
-            config_path,
-            shared.settings.clone(),
-        ));
+        tokio::spawn(signals(shutdown.clone(), config_path, shared.clone()));
         tracing::info!(config = %source, listen = ?config.server.listen.0, "benchgate ready");
         let _ = serving.set(shared.clone());
         notify(State::Ready);
@@ -364,24 +360,23 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
     })
 }
 
-/// SIGHUP: replaces the settings from the file at `path`, telling systemd and the metrics.
-fn reload(
-    path: Option<&Path>,
-    settings: &tokio::sync::watch::Sender<std::sync::Arc<benchgate::settings::Settings>>,
-) {
+/// SIGHUP: replaces the settings and the Docker endpoints from the file at `path`, telling
+/// systemd and the metrics.
+fn reload(path: Option<&Path>, app: &benchgate::app::App) {
     let Some(path) = path else {
         tracing::warn!("SIGHUP: running on built-in defaults, nothing to reload");
         return;
     };
     notify(State::Reloading);
-    let result = benchgate::settings::reload(path, settings);
+    let result = app.reload(path);
     notify(State::Ready);
     benchgate::metrics::config_reload(result.is_ok());
     match result {
-        Ok(()) => tracing::info!(
+        Ok(changes) => tracing::info!(
             config = %path.display(),
-            "reloaded: trust, revocations, session and lifetime settings \
-             (listeners, host keys, limits and Docker endpoints need a restart)"
+            docker_endpoints = %changes,
+            "reloaded: trust, revocations, session and lifetime settings, Docker endpoints \
+             (listeners, host keys and limits need a restart)"
         ),
         Err(e) => tracing::error!(
             config = %path.display(), error = %format!("{e:#}"),
@@ -396,7 +391,7 @@ fn reload(
 async fn signals(
     shutdown: CancellationToken,
     path: Option<PathBuf>,
-    settings: tokio::sync::watch::Sender<std::sync::Arc<benchgate::settings::Settings>>,
+    app: Arc<benchgate::app::App>,
 ) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
@@ -411,7 +406,7 @@ async fn signals(
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(path.as_deref(), &settings),
+            _ = hup.recv() => reload(path.as_deref(), &app),
         }
     }
     tracing::info!("shutting down");

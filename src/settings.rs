@@ -2,7 +2,6 @@
 //! list), session settings, expiry and idle policy — and how SIGHUP and the revocation file
 //! replace them atomically.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,15 +82,6 @@ pub fn prepare(config: &Config) -> anyhow::Result<()> {
             .create(dir)
             .with_context(|| format!("session.record_dir {}", dir.display()))?;
     }
-    Ok(())
-}
-
-/// Replaces the settings from the config file at `path`; on any error the old ones stay.
-pub fn reload(path: &Path, settings: &watch::Sender<Arc<Settings>>) -> anyhow::Result<()> {
-    let config = Config::load(path)?;
-    prepare(&config)?;
-    let new = Settings::load(&config)?;
-    settings.send_replace(Arc::new(new));
     Ok(())
 }
 

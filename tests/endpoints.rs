@@ -248,3 +248,121 @@ async fn a_stalled_engine_gives_a_clear_error_within_the_request_timeout() {
     }
     panic!("sessions never worked again: {last}");
 }
+
+/// Rewrites the daemon's config as `original` with `endpoints` and sends SIGHUP; waits for the
+/// reload's log line (`reloaded` or `reload failed`, the `count`th of them).
+async fn reload_with(
+    bastion: &Bastion,
+    original: &benchgate::config::Config,
+    endpoints: Vec<Endpoint>,
+    count: usize,
+) -> String {
+    let mut config = original.clone();
+    config.docker.endpoints = NonEmpty(endpoints);
+    std::fs::write(bastion.path("benchgate.toml"), config.to_toml()).unwrap();
+    bastion.signal("-HUP");
+    for _ in 0..100 {
+        let log = bastion.log();
+        let reloads: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("reloaded:") || l.contains("reload failed"))
+            .collect();
+        if reloads.len() >= count {
+            return reloads[count - 1].to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no reload line: {}", bastion.log());
+}
+
+/// SIGHUP adds and removes engines: a session running through a removed engine runs on, new
+/// sessions to its benches are refused as for any unknown bench, and adding it back restores
+/// them; a config without engines is refused as a whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_removes_and_adds_engines_and_live_sessions_run_on() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let container = Container::start(&[]);
+    let proxy = Proxy::tcp().await;
+    let through_proxy = format!("tcp://127.0.0.1:{}", proxy.port);
+    let dead = format!("tcp://127.0.0.1:{}", free_port());
+    let bastion = Bastion::spawn(|_, config| {
+        config.docker.endpoints = NonEmpty(vec![endpoint(through_proxy.clone())]);
+    })
+    .await;
+    let original = benchgate::config::Config::load(&bastion.path("benchgate.toml")).unwrap();
+    let bench = container.bench.as_str();
+    let key = bastion.user_with_cert("user", "ca", &["-n", bench]);
+    let ok = bastion.exec(bench, &key, &[], "echo ok", b"").await;
+    assert_eq!(ok.stdout_text(), "ok\n", "{ok:?}");
+
+    // A live session through the engine about to be removed.
+    let mut live = tokio::process::Command::new("ssh")
+        .args(bastion.client_options(&key))
+        .args(["-p", &bastion.addr.port().to_string()])
+        .arg(format!("{bench}@127.0.0.1"))
+        .arg("cat")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut to_cat = live.stdin.take().unwrap();
+    let mut from_cat = tokio::io::BufReader::new(live.stdout.take().unwrap()).lines();
+    let mut echo = async |line: &str| {
+        to_cat
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), from_cat.next_line())
+            .await
+            .expect("cat answered within 10 s")
+            .unwrap()
+    };
+    assert_eq!(echo("before").await.as_deref(), Some("before"));
+
+    let line = reload_with(&bastion, &original, vec![endpoint(dead.clone())], 1).await;
+    assert!(
+        line.contains(&format!("added {dead}; removed {through_proxy}; kept none")),
+        "{line}"
+    );
+    let refused = bastion.exec(bench, &key, &[], "echo no", b"").await;
+    assert!(
+        refused
+            .stderr
+            .contains("is not running (status: no such bench)"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        echo("after removal").await.as_deref(),
+        Some("after removal")
+    );
+
+    // No engines at all: refused, nothing changes.
+    let line = reload_with(&bastion, &original, Vec::new(), 2).await;
+    assert!(line.contains("reload failed"), "{line}");
+
+    let line = reload_with(
+        &bastion,
+        &original,
+        vec![endpoint(dead.clone()), endpoint(through_proxy.clone())],
+        3,
+    )
+    .await;
+    assert!(
+        line.contains(&format!("added {through_proxy}; removed none; kept {dead}")),
+        "{line}"
+    );
+    let mut back = bastion.exec(bench, &key, &[], "echo back", b"").await;
+    for _ in 0..50 {
+        if back.code == Some(0) {
+            break;
+        }
+        // The added engine is listed in the background.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        back = bastion.exec(bench, &key, &[], "echo back", b"").await;
+    }
+    assert_eq!(back.stdout_text(), "back\n", "{back:?}");
+    assert_eq!(echo("still here").await.as_deref(), Some("still here"));
+    drop(to_cat);
+    let _ = live.wait().await;
+}

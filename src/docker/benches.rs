@@ -2,7 +2,7 @@
 //! engine's events stream with a periodic resync, so a login costs no Docker listing.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use bollard::query_parameters::{EventsOptions, ListContainersOptions};
@@ -10,6 +10,7 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::{Endpoint, Error};
+use crate::config;
 
 /// Label that overrides `session.user` for one container.
 pub const USER_LABEL: &str = "benchgate.user";
@@ -50,48 +51,157 @@ pub enum Lookup {
 
 /// Benches across all endpoints.
 pub struct Index {
-    endpoints: Vec<Arc<Endpoint>>,
+    /// One per endpoint ever configured, in order; a removed endpoint's slot stays empty, so
+    /// the index of every other keeps its meaning.
+    slots: RwLock<Vec<Option<Slot>>>,
     bench_label: String,
     group_label: String,
-    /// Per endpoint: bench name -> containers.
+    /// Per slot: bench name -> containers.
     benches: RwLock<Vec<HashMap<String, Vec<Bench>>>>,
+    /// Set by [`Index::watch`]: endpoints added later are followed until then too.
+    shutdown: OnceLock<CancellationToken>,
+}
+
+/// One configured endpoint and what stops following it.
+struct Slot {
+    config: config::Endpoint,
+    endpoint: Arc<Endpoint>,
+    stop: CancellationToken,
+}
+
+/// What a reload did to the endpoints (their URLs).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Connected and indexed from now on.
+    pub added: Vec<String>,
+    /// Serving no new session; their live sessions run on.
+    pub removed: Vec<String>,
+    /// Unchanged, keeping their event streams.
+    pub kept: Vec<String>,
+}
+
+impl std::fmt::Display for Changes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |urls: &[String]| match urls {
+            [] => "none".to_owned(),
+            urls => urls.join(", "),
+        };
+        write!(
+            f,
+            "added {}; removed {}; kept {}",
+            list(&self.added),
+            list(&self.removed),
+            list(&self.kept)
+        )
+    }
+}
+
+/// Endpoints for a reload, made before anything changes (making one can fail).
+pub struct Plan {
+    new: Vec<(config::Endpoint, Option<Arc<Endpoint>>)>,
+}
+
+fn lock_read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn lock_write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Index {
-    /// An empty index over `endpoints`; [`Index::watch`] fills it.
-    pub fn new(endpoints: Vec<Arc<Endpoint>>, bench_label: String, group_label: String) -> Self {
-        let empty = vec![HashMap::new(); endpoints.len()];
-        Self {
-            endpoints,
-            bench_label,
-            group_label,
-            benches: RwLock::new(empty),
-        }
-    }
-
-    /// An empty index over the engines `config` names (nothing is contacted yet).
-    pub fn from_config(config: &crate::config::Docker) -> Result<Self, Error> {
-        let endpoints = config
+    /// An empty index over the engines `config` names (nothing is contacted yet);
+    /// [`Index::watch`] fills it.
+    pub fn from_config(config: &config::Docker) -> Result<Self, Error> {
+        let slots = config
             .endpoints
             .0
             .iter()
-            .map(|e| Endpoint::new(e, config.request_timeout.0).map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self::new(
-            endpoints,
-            config.bench_label.clone(),
-            config.group_label.clone(),
-        ))
+            .map(|e| {
+                Ok(Some(Slot {
+                    config: e.clone(),
+                    endpoint: Arc::new(Endpoint::new(e, config.request_timeout.0)?),
+                    stop: CancellationToken::new(),
+                }))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(Self {
+            benches: RwLock::new(vec![HashMap::new(); slots.len()]),
+            slots: RwLock::new(slots),
+            bench_label: config.bench_label.clone(),
+            group_label: config.group_label.clone(),
+            shutdown: OnceLock::new(),
+        })
     }
 
-    /// The endpoint at `index`.
-    pub fn endpoint(&self, index: usize) -> Option<&Arc<Endpoint>> {
-        self.endpoints.get(index)
+    /// The endpoint at `index`, unless it was removed.
+    pub fn endpoint(&self, index: usize) -> Option<Arc<Endpoint>> {
+        lock_read(&self.slots)
+            .get(index)?
+            .as_ref()
+            .map(|slot| slot.endpoint.clone())
+    }
+
+    /// The endpoints `config` names that are not configured now, made ready (not connected);
+    /// fails on unusable TLS files, changing nothing.
+    pub fn plan(&self, config: &config::Docker) -> Result<Plan, Error> {
+        let slots = lock_read(&self.slots);
+        let configured = |e: &config::Endpoint| slots.iter().flatten().any(|s| s.config == *e);
+        let new = config
+            .endpoints
+            .0
+            .iter()
+            .map(|e| {
+                let made = match configured(e) {
+                    true => None,
+                    false => Some(Arc::new(Endpoint::new(e, config.request_timeout.0)?)),
+                };
+                Ok((e.clone(), made))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(Plan { new })
+    }
+
+    /// Makes the endpoints those of `plan`: added ones are followed and indexed, removed
+    /// ones serve no new session (sessions already running keep their engine), the others
+    /// carry on untouched.
+    pub fn apply(self: &Arc<Self>, plan: Plan) -> Changes {
+        let mut changes = Changes::default();
+        let mut slots = lock_write(&self.slots);
+        let mut benches = lock_write(&self.benches);
+        for (index, slot) in slots.iter_mut().enumerate() {
+            let Some(current) = slot else { continue };
+            if plan.new.iter().any(|(e, _)| *e == current.config) {
+                changes.kept.push(current.config.url.clone());
+            } else {
+                current.stop.cancel();
+                changes.removed.push(current.config.url.clone());
+                *slot = None;
+                benches[index].clear();
+            }
+        }
+        for (config, made) in plan.new {
+            let Some(endpoint) = made else { continue };
+            changes.added.push(config.url.clone());
+            let stop = CancellationToken::new();
+            slots.push(Some(Slot {
+                config,
+                endpoint: endpoint.clone(),
+                stop: stop.clone(),
+            }));
+            benches.push(HashMap::new());
+            if self.shutdown.get().is_some() {
+                self.spawn_follow(slots.len() - 1, endpoint, stop);
+            }
+        }
+        drop((slots, benches));
+        self.count_known();
+        changes
     }
 
     /// The bench named `name`: a running container if any endpoint has one.
     pub fn lookup(&self, name: &str) -> Lookup {
-        let benches = self.benches.read().unwrap_or_else(|p| p.into_inner());
+        let benches = lock_read(&self.benches);
         let mut found: Option<&Bench> = None;
         for bench in benches
             .iter()
@@ -117,11 +227,15 @@ impl Index {
 
     /// How many bench names are known.
     pub fn len(&self) -> usize {
-        let benches = self.benches.read().unwrap_or_else(|p| p.into_inner());
+        let benches = lock_read(&self.benches);
         let mut names: Vec<&String> = benches.iter().flat_map(|m| m.keys()).collect();
         names.sort_unstable();
         names.dedup();
         names.len()
+    }
+
+    fn count_known(&self) {
+        crate::metrics::benches_known(self.len());
     }
 
     /// Whether no bench is known.
@@ -129,29 +243,50 @@ impl Index {
         self.len() == 0
     }
 
-    /// Keeps every endpoint's part of the index current until `shutdown`: a full listing,
-    /// then the events stream, with reconnection and backoff while an engine is down.
+    /// Keeps every endpoint's part of the index current until `shutdown` (or until it is
+    /// removed): a full listing, then the events stream, with reconnection and backoff while
+    /// an engine is down.
     pub fn watch(self: &Arc<Self>, shutdown: CancellationToken) {
-        for index in 0..self.endpoints.len() {
-            let this = self.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = this.follow(index) => {}
-                }
-            });
+        let _ = self.shutdown.set(shutdown.clone());
+        let slots = lock_read(&self.slots);
+        for (index, slot) in slots.iter().enumerate() {
+            if let Some(slot) = slot {
+                self.spawn_follow(index, slot.endpoint.clone(), slot.stop.clone());
+            }
         }
+    }
+
+    /// Follows endpoint `index` until shutdown or `removed`.
+    fn spawn_follow(
+        self: &Arc<Self>,
+        index: usize,
+        endpoint: Arc<Endpoint>,
+        removed: CancellationToken,
+    ) {
+        let this = self.clone();
+        let shutdown = self.shutdown.get().cloned().unwrap_or_default();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = removed.cancelled() => {}
+                _ = this.follow(index, &endpoint) => {}
+            }
+        });
     }
 
     /// Negotiates with and lists every endpoint once; returns the failures (the index keeps
     /// what it had for those).
     pub async fn sync_all(&self) -> Vec<Error> {
+        let endpoints: Vec<(usize, Arc<Endpoint>)> = lock_read(&self.slots)
+            .iter()
+            .enumerate()
+            .filter_map(|(i, slot)| Some((i, slot.as_ref()?.endpoint.clone())))
+            .collect();
         let mut errors = Vec::new();
-        for (index, endpoint) in self.endpoints.iter().enumerate() {
+        for (index, endpoint) in endpoints {
             if let Err(e) = async {
                 endpoint.negotiate().await?;
-                self.sync(index).await
+                self.sync(index, &endpoint).await
             }
             .await
             {
@@ -161,14 +296,14 @@ impl Index {
         errors
     }
 
-    async fn follow(&self, index: usize) {
+    async fn follow(&self, index: usize, endpoint: &Arc<Endpoint>) {
         let mut backoff = Duration::from_millis(500);
         loop {
-            match self.follow_once(index).await {
+            match self.follow_once(index, endpoint).await {
                 Ok(()) => backoff = Duration::from_millis(500),
                 Err(e) => {
                     crate::metrics::docker_error(e.op());
-                    tracing::warn!(endpoint = %self.endpoints[index].url, error = %e, retry_in = ?backoff, "docker endpoint unavailable");
+                    tracing::warn!(endpoint = %endpoint.url, error = %e, retry_in = ?backoff, "docker endpoint unavailable");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -177,8 +312,7 @@ impl Index {
     }
 
     /// Negotiates, lists, then applies events until the stream ends or the resync timer fires.
-    async fn follow_once(&self, index: usize) -> Result<(), Error> {
-        let endpoint = &self.endpoints[index];
+    async fn follow_once(&self, index: usize, endpoint: &Arc<Endpoint>) -> Result<(), Error> {
         endpoint.negotiate().await?;
         // Only lifecycle events change the index; exec_* events (every session makes several)
         // must not cost a listing each.
@@ -198,14 +332,14 @@ impl Index {
             filters: Some(filters),
             ..Default::default()
         }));
-        self.sync(index).await?;
+        self.sync(index, endpoint).await?;
         let resync = tokio::time::sleep(RESYNC);
         tokio::pin!(resync);
         loop {
             tokio::select! {
                 _ = &mut resync => return Ok(()),
                 event = events.next() => match event {
-                    Some(Ok(_)) => self.sync(index).await?,
+                    Some(Ok(_)) => self.sync(index, endpoint).await?,
                     Some(Err(e)) => return Err(Error::Unreachable { endpoint: endpoint.url.clone(), reason: e.to_string() }),
                     None => return Err(Error::Unreachable { endpoint: endpoint.url.clone(), reason: "events stream ended".into() }),
                 },
@@ -213,9 +347,9 @@ impl Index {
         }
     }
 
-    /// Replaces endpoint `index`'s part of the index with a fresh listing.
-    async fn sync(&self, index: usize) -> Result<(), Error> {
-        let endpoint = &self.endpoints[index];
+    /// Replaces endpoint `index`'s part of the index with a fresh listing (unless it was
+    /// removed meanwhile).
+    async fn sync(&self, index: usize, endpoint: &Arc<Endpoint>) -> Result<(), Error> {
         let filters = HashMap::from([("label".to_owned(), vec![self.bench_label.clone()])]);
         let options = ListContainersOptions {
             all: true,
@@ -245,15 +379,16 @@ impl Index {
                 workdir: label(WORKDIR_LABEL),
             });
         }
-        let mut benches = self.benches.write().unwrap_or_else(|p| p.into_inner());
-        benches[index] = by_name;
-        let known = benches
-            .iter()
-            .flat_map(|m| m.keys())
-            .collect::<std::collections::HashSet<_>>()
-            .len();
-        drop(benches);
-        crate::metrics::benches_known(known);
+        let slots = lock_read(&self.slots);
+        let current = slots
+            .get(index)
+            .and_then(Option::as_ref)
+            .is_some_and(|slot| Arc::ptr_eq(&slot.endpoint, endpoint));
+        if current {
+            lock_write(&self.benches)[index] = by_name;
+        }
+        drop(slots);
+        self.count_known();
         Ok(())
     }
 }

@@ -193,13 +193,11 @@ async fn session(
         let message = format!("benchgate: too many sessions into bench '{bench_name}'");
         return unavailable(request, to_client, &message).await;
     };
-    let Some(endpoint) = app.benches.endpoint(bench.endpoint).cloned() else {
-        return unavailable(
-            request,
-            to_client,
-            "benchgate: internal error: unknown endpoint",
-        )
-        .await;
+    // Its engine may have been removed by a reload since the lookup.
+    let Some(endpoint) = app.benches.endpoint(bench.endpoint) else {
+        let message =
+            format!("benchgate: bench '{bench_name}' is not running (status: no such bench)");
+        return unavailable(request, to_client, &message).await;
     };
     let started = Instant::now();
     let plan = plan(app, request, &bench);
