@@ -17,6 +17,7 @@ use crate::docker::benches::Changes;
 use crate::docker::Index;
 use crate::flow::{Budgets, Pool};
 use crate::limits::Quota;
+use crate::listeners::Handover;
 use crate::live::Registry;
 use crate::settings::{self, Settings};
 
@@ -44,6 +45,8 @@ pub struct App {
     pub live: Registry,
     /// The `[admin]` section.
     pub admin: config::Admin,
+    /// The listening sockets, for a takeover; what stops accepting once handed over.
+    pub handover: Handover,
 }
 
 impl App {
@@ -75,11 +78,15 @@ impl App {
             })),
             live: Registry::default(),
             admin: config.admin.clone(),
+            handover: Handover::default(),
         }
     }
 
     /// Why this bastion cannot serve logins now, if it cannot (for `/health`).
     pub fn health(&self) -> Option<String> {
+        if self.handover.draining() {
+            return Some("draining: the listeners were handed over to a new process".to_owned());
+        }
         match &self.settings().trust.revocation {
             crate::auth::revocation::Revocation::Unavailable { reason, .. } => Some(format!(
                 "revocation list unavailable, every login is refused: {reason}"

@@ -58,6 +58,9 @@ pub struct Server {
     pub idle_timeout: Span,
     /// How long shutdown waits for sessions to finish.
     pub shutdown_grace: Span,
+    /// How long a daemon that handed its listeners over (`serve --takeover`) keeps serving its
+    /// live sessions before it ends them.
+    pub drain_limit: Span,
     /// Expect PROXY protocol headers from a load balancer.
     pub proxy_protocol: bool,
     /// Addresses or networks ("10.0.0.0/8") allowed to send PROXY headers.
@@ -88,6 +91,7 @@ impl Default for Server {
             keepalive_interval: Span::secs(30),
             idle_timeout: Span::secs(0),
             shutdown_grace: Span::secs(30),
+            drain_limit: Span::secs(6 * 3600),
             proxy_protocol: false,
             trusted_proxies: Vec::new(),
             input_buffer_per_channel: Size(2 << 20),

@@ -13,6 +13,7 @@ pub mod config;
 pub mod docker;
 pub mod flow;
 pub mod limits;
+pub mod listeners;
 pub mod live;
 pub mod logging;
 pub mod metrics;

@@ -20,11 +20,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the daemon in the foreground.
+    /// Run the daemon in the foreground. Its SSH listeners come from systemd when it passes
+    /// sockets (LISTEN_FDS), else from server.listen.
     Serve {
         /// Config file [default: /etc/benchgate/benchgate.toml if present, else built-in defaults]
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Take the listening sockets of the daemon running with this config (through its
+        /// admin socket) instead of binding them: it stops accepting, serves its live sessions
+        /// to their end (at most server.drain_limit) and exits. No connection is refused.
+        #[arg(long)]
+        takeover: bool,
     },
     /// Parse and validate the config, load the keys it names, print the effective config.
     CheckConfig {
@@ -151,7 +157,7 @@ enum SessionsAction {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { config } => serve(config.as_deref()),
+        Command::Serve { config, takeover } => serve(config.as_deref(), takeover),
         Command::CheckConfig { config } => check_config(config.as_deref()),
         Command::Issue {
             ca,
@@ -178,7 +184,7 @@ fn main() -> ExitCode {
         Command::Quickstart { dir, listen } => benchgate::quickstart::prepare(&dir, listen)
             .and_then(|(config, text)| {
                 print_all(&text)?;
-                serve(Some(&config))
+                serve(Some(&config), false)
             }),
         Command::Sessions {
             config,
@@ -316,45 +322,102 @@ fn print_all(text: &str) -> anyhow::Result<()> {
     }
 }
 
-fn serve(path: Option<&Path>) -> anyhow::Result<()> {
+fn serve(path: Option<&Path>, takeover: bool) -> anyhow::Result<()> {
+    use benchgate::listeners::{self, Listeners};
     let (config, source) = load_config(path)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         benchgate::logging::init(config.log.format);
-        // Set once the SSH listeners are bound: /health says "starting" until then.
-        let serving = Arc::new(std::sync::OnceLock::<Arc<benchgate::app::App>>::new());
         // The recorder first, so start-up (the first bench listing) is counted too.
-        if let Some(addr) = config.metrics.listen.0 {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("metrics.listen: cannot bind {addr}"))?;
-            let handle =
-                benchgate::metrics::install().context("cannot install the metrics recorder")?;
+        let recorder = match config.metrics.listen.0 {
+            Some(_) => Some(
+                benchgate::metrics::install().context("cannot install the metrics recorder")?,
+            ),
+            None => None,
+        };
+        // Set once serving: /health says "starting" until then.
+        let serving = Arc::new(std::sync::OnceLock::<Arc<benchgate::app::App>>::new());
+        let metrics_stop = CancellationToken::new();
+        let metrics = |listener: Option<std::net::TcpListener>| -> anyhow::Result<()> {
+            let (Some(listener), Some(handle)) = (listener, recorder.clone()) else {
+                return Ok(());
+            };
+            listener.set_nonblocking(true)?;
+            let listener = tokio::net::TcpListener::from_std(listener)?;
             let serving = serving.clone();
             let health: benchgate::metrics::Health = Arc::new(move || match serving.get() {
                 None => Some("starting".to_owned()),
-                Some(shared) => shared.health(),
+                Some(app) => app.health(),
             });
-            tokio::spawn(benchgate::metrics::serve(listener, handle, health));
+            tokio::spawn(benchgate::metrics::serve(
+                listener,
+                handle,
+                health,
+                metrics_stop.clone(),
+            ));
+            Ok(())
+        };
+        // Inherited from systemd or bound now; a takeover takes the running daemon's once
+        // this one is ready to serve.
+        let bound = match takeover {
+            true => None,
+            false => Some(match Listeners::from_systemd(&config)? {
+                Some(inherited) => inherited,
+                None => Listeners::bind(&config)?,
+            }),
+        };
+        // Served now (a duplicate: the original is kept to hand over), so /health says
+        // "starting" during start-up.
+        if let Some(listener) = bound.as_ref().and_then(|b| b.metrics.as_ref()) {
+            metrics(Some(listener.try_clone()?))?;
         }
         let shutdown = CancellationToken::new();
-        let shared = benchgate::start(&config, shutdown.clone()).await?;
-        if let Some(socket) = benchgate::admin::server::bind(&config.admin).await? {
-            tokio::spawn(benchgate::admin::server::serve(shared.clone(), socket));
+        let app = benchgate::start(&config, shutdown.clone()).await?;
+        let (mut listeners, handshake) = match bound {
+            Some(mut bound) => {
+                app.handover.hold(&bound)?;
+                bound.metrics = None;
+                (bound, None)
+            }
+            None => {
+                let config = config.clone();
+                let (taken, handed, stream) =
+                    tokio::task::spawn_blocking(move || Listeners::take_over(&config)).await??;
+                tracing::info!(from = handed.pid, listen = ?handed.ssh, "taking over");
+                app.handover.hold(&taken)?;
+                (taken, Some(stream))
+            }
+        };
+        metrics(listeners.metrics.take())?;
+        let stop = app.handover.stop_accepting.clone();
+        let metrics_stop = metrics_stop.clone();
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            metrics_stop.cancel();
+        });
+        if let Some(socket) = benchgate::admin::server::bind(&config.admin, takeover).await? {
+            tokio::spawn(benchgate::admin::server::serve(app.clone(), socket));
         }
-        let mut listeners = Vec::new();
-        for addr in &config.server.listen.0 {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("server.listen: cannot bind {addr}"))?;
-            listeners.push(listener);
+        let mut ssh = Vec::new();
+        for listener in listeners.ssh {
+            listener.set_nonblocking(true)?;
+            ssh.push(tokio::net::TcpListener::from_std(listener)?);
         }
+        let addresses: Vec<_> = ssh.iter().filter_map(|l| l.local_addr().ok()).collect();
         let config_path = (source != "built-in defaults").then(|| PathBuf::from(&source));
-        tokio::spawn(signals(shutdown.clone(), config_path, shared.clone()));
-        tracing::info!(config = %source, listen = ?config.server.listen.0, "benchgate ready");
-        let _ = serving.set(shared.clone());
+        tokio::spawn(signals(shutdown.clone(), config_path, app.clone()));
+        let serving_task = tokio::spawn(benchgate::ssh::server::serve(app.clone(), ssh, shutdown));
+        if let Some(stream) = handshake {
+            // Connections meanwhile wait in the sockets' queues: none is refused.
+            match tokio::task::spawn_blocking(move || listeners::finish_takeover(stream)).await? {
+                Ok(()) => tracing::info!("took over: the previous daemon stopped accepting and drains"),
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "the previous daemon did not confirm the takeover; serving anyway"),
+            }
+        }
+        tracing::info!(config = %source, listen = ?addresses, "benchgate ready");
+        let _ = serving.set(app);
         notify(State::Ready);
-        benchgate::ssh::server::serve(shared, listeners, shutdown).await;
+        serving_task.await?;
         tracing::info!("benchgate stopped");
         Ok(())
     })

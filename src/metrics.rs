@@ -44,7 +44,7 @@ pub const SESSION_OUTCOMES: [&str; 5] = [
 /// Requests on the admin socket, by request and result.
 pub const ADMIN_REQUESTS_TOTAL: &str = "benchgate_admin_requests_total";
 /// The `request` labels of [`ADMIN_REQUESTS_TOTAL`] (`other`: not a request, or not read).
-pub const ADMIN_REQUESTS: [&str; 4] = ["sessions", "end", "watch", "other"];
+pub const ADMIN_REQUESTS: [&str; 6] = ["sessions", "end", "watch", "status", "takeover", "other"];
 /// The `result` labels of [`ADMIN_REQUESTS_TOTAL`].
 pub const ADMIN_RESULTS: [&str; 3] = ["ok", "error", "refused"];
 /// Bench names in the index.
@@ -163,9 +163,14 @@ pub type Health = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 /// Requests the endpoint serves at once; more wait for a place.
 const MAX_REQUESTS: usize = 16;
 
-/// Serves `GET /metrics` (Prometheus text) and `GET /health` on `listener` until the process
-/// ends; anything else gets 404.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle, health: Health) {
+/// Serves `GET /metrics` (Prometheus text) and `GET /health` on `listener` until `stop` (the
+/// listener went to a new daemon) or the process ends; anything else gets 404.
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    health: Health,
+    stop: tokio_util::sync::CancellationToken,
+) {
     let upkeep = handle.clone();
     tokio::spawn(async move {
         loop {
@@ -178,7 +183,11 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, health: Heal
         let Ok(place) = places.clone().acquire_owned().await else {
             return;
         };
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => return,
+        };
+        let Ok((stream, _)) = accepted else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };

@@ -23,7 +23,13 @@ fn endpoint() -> SocketAddr {
             let runtime = tokio::runtime::Runtime::new().unwrap();
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                benchgate::metrics::serve(listener, handle, std::sync::Arc::new(|| None)).await;
+                benchgate::metrics::serve(
+                    listener,
+                    handle,
+                    std::sync::Arc::new(|| None),
+                    tokio_util::sync::CancellationToken::new(),
+                )
+                .await;
             });
         });
         addr

@@ -15,7 +15,11 @@ pub mod client;
 pub mod server;
 pub mod terminal;
 
+use std::net::SocketAddr;
+
 use serde::{Deserialize, Serialize};
+
+use crate::listeners::Handed;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 
 /// Which live sessions a request is about: those matching every field given.
@@ -90,6 +94,16 @@ pub enum Request {
         /// The session's id.
         id: String,
     },
+    /// What this daemon is: pid, listeners, engines, whether it drains.
+    Status,
+    /// Hand the listening sockets over to a new daemon (see [`crate::listeners`]).
+    Takeover {
+        /// Where the new daemon's config says to listen.
+        listen: Vec<SocketAddr>,
+        /// Its metrics address.
+        #[serde(default)]
+        metrics: Option<SocketAddr>,
+    },
 }
 
 impl Request {
@@ -99,6 +113,8 @@ impl Request {
             Self::Sessions { .. } => "sessions",
             Self::End { .. } => "end",
             Self::Watch { .. } => "watch",
+            Self::Status => "status",
+            Self::Takeover { .. } => "takeover",
         }
     }
 }
@@ -174,6 +190,23 @@ pub struct Reply {
     /// `watch`: the session watched; frames follow.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watching: Option<SessionInfo>,
+    /// `status`: what the daemon is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    /// `takeover`: the sockets handed over (attached to this line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handed: Option<Handed>,
+}
+
+/// What a running daemon is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// Its process id.
+    pub pid: u32,
+    /// Its Docker endpoints' URLs, in configuration order.
+    pub endpoints: Vec<String>,
+    /// Whether it has handed its listeners over and is draining.
+    pub draining: bool,
 }
 
 impl Reply {

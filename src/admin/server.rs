@@ -2,6 +2,7 @@
 //! (`SO_PEERCRED`), and the requests, each audited with the caller's uid.
 
 use std::ffi::CString;
+use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader}
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
-use super::{read_line, EndedInfo, Line, Reply, Request, Select, SessionInfo, WatchFrame};
+use super::{read_line, EndedInfo, Line, Reply, Request, Select, SessionInfo, Status, WatchFrame};
 use crate::app::App;
 use crate::audit::{Event, Kind};
 use crate::auth::bounded;
@@ -128,14 +129,15 @@ impl Drop for Socket {
 
 /// Binds the socket `[admin]` names, if it names one. Refuses a directory others can write to,
 /// a path that is something other than a socket, and a socket another process answers on; a
-/// stale socket is replaced. A socket at the default path that cannot be bound (no
+/// stale socket is replaced, and so is a live one on a `takeover` (the old daemon keeps its
+/// own, no longer reachable by path). A socket at the default path that cannot be bound (no
 /// `RuntimeDirectory`, not root) is reported and left out: the daemon serves without it.
-pub async fn bind(admin: &config::Admin) -> anyhow::Result<Option<Socket>> {
+pub async fn bind(admin: &config::Admin, takeover: bool) -> anyhow::Result<Option<Socket>> {
     let Some(path) = &admin.socket.0 else {
         return Ok(None);
     };
     let access = Access::from_config(admin)?;
-    match open(path, access).await {
+    match open(path, access, takeover).await {
         Ok(socket) => Ok(Some(socket)),
         Err(e) if path.as_os_str() == config::DEFAULT_ADMIN_SOCKET => {
             tracing::warn!(
@@ -148,7 +150,7 @@ pub async fn bind(admin: &config::Admin) -> anyhow::Result<Option<Socket>> {
     }
 }
 
-async fn open(path: &Path, access: Access) -> anyhow::Result<Socket> {
+async fn open(path: &Path, access: Access, takeover: bool) -> anyhow::Result<Socket> {
     let context = || format!("admin.socket {}", path.display());
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
@@ -194,6 +196,7 @@ async fn open(path: &Path, access: Access) -> anyhow::Result<Socket> {
         }
         let probe = tokio::time::timeout(Duration::from_secs(1), UnixStream::connect(path)).await;
         match probe {
+            _ if takeover => std::fs::remove_file(path).with_context(context)?,
             // Left by a daemon that did not get to remove it.
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 std::fs::remove_file(path).with_context(context)?
@@ -293,7 +296,7 @@ fn account(app: &App, uid: u32, request: &'static str, error: Option<&str>, sess
 }
 
 /// Answers the requests of one connection, in order.
-async fn connection(app: &App, access: &Access, watches: &Arc<Semaphore>, stream: UnixStream) {
+async fn connection(app: &Arc<App>, access: &Access, watches: &Arc<Semaphore>, stream: UnixStream) {
     let Ok(cred) = stream.peer_cred() else {
         return;
     };
@@ -355,11 +358,62 @@ async fn connection(app: &App, access: &Access, watches: &Arc<Semaphore>, stream
                 };
                 return watch(app, uid, &id, reader, write).await;
             }
+            Request::Status => Reply {
+                ok: true,
+                status: Some(Status {
+                    pid: std::process::id(),
+                    endpoints: app.benches.urls(),
+                    draining: app.handover.draining(),
+                }),
+                ..Reply::default()
+            },
+            Request::Takeover { listen, metrics } => {
+                if let Ok(stream) = reader.into_inner().reunite(write) {
+                    takeover(app, uid, stream, listen, metrics).await;
+                }
+                return;
+            }
         };
         account(app, uid, label, reply.error.as_deref(), None);
         if send(&mut write, &reply).await.is_err() {
             return;
         }
+    }
+}
+
+/// Hands the listeners over on `stream` to the new daemon asking for them (see
+/// [`crate::listeners`]); once it accepts, this daemon stops accepting and drains.
+async fn takeover(
+    app: &Arc<App>,
+    uid: u32,
+    stream: UnixStream,
+    listen: Vec<SocketAddr>,
+    metrics: Option<SocketAddr>,
+) {
+    let Ok(stream) = stream.into_std() else {
+        return;
+    };
+    if stream.set_nonblocking(false).is_err() {
+        return;
+    }
+    let handover = app.clone();
+    let result =
+        tokio::task::spawn_blocking(move || handover.handover.give(stream, &listen, metrics))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+    account(
+        app,
+        uid,
+        "takeover",
+        result.as_ref().err().map(String::as_str),
+        None,
+    );
+    match result {
+        Ok(()) => tracing::info!(
+            drain_limit = ?app.server.drain_limit.0,
+            "listeners handed over to a new process: draining (live sessions run on)"
+        ),
+        Err(error) => tracing::warn!(%error, "no takeover: serving on"),
     }
 }
 

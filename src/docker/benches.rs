@@ -142,6 +142,15 @@ impl Index {
             .map(|slot| slot.endpoint.clone())
     }
 
+    /// The URLs of the endpoints configured now.
+    pub fn urls(&self) -> Vec<String> {
+        lock_read(&self.slots)
+            .iter()
+            .flatten()
+            .map(|slot| slot.config.url.clone())
+            .collect()
+    }
+
     /// The endpoints `config` names that are not configured now, made ready (not connected);
     /// fails on unusable TLS files, changing nothing.
     pub fn plan(&self, config: &config::Docker) -> Result<Plan, Error> {

@@ -78,6 +78,19 @@ pub async fn serve(app: Arc<App>, listeners: Vec<TcpListener>, shutdown: Cancell
     }
     while accepts.join_next().await.is_some() {}
     gate.tracker.close();
+    if !gate.shutdown.is_cancelled() {
+        // The listeners went to a new daemon: live connections run on until they end, the
+        // drain limit passes, or SIGTERM; then what is left ends as on shutdown.
+        let limit = gate.app.server.drain_limit.0;
+        tokio::select! {
+            () = gate.tracker.wait() => {}
+            () = tokio::time::sleep(limit) => {
+                tracing::info!(?limit, "drain limit reached: ending the remaining connections");
+            }
+            () = gate.shutdown.cancelled() => {}
+        }
+        gate.shutdown.cancel();
+    }
     gate.tracker.wait().await;
     // Sessions and teardowns still running (they end the sessions' container processes); each
     // Docker call is bounded, so this is too, but never wait forever on shutdown.
@@ -106,6 +119,7 @@ async fn accept_loop(gate: Arc<Gate>, listener: TcpListener) {
     loop {
         let (stream, peer) = tokio::select! {
             _ = gate.shutdown.cancelled() => return,
+            _ = gate.app.handover.stop_accepting.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {

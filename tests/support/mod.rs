@@ -71,7 +71,10 @@ impl Bastion {
         let (dir, config) = Self::prepare(edit);
         let shutdown = CancellationToken::new();
         let shared = benchgate::start(&config, shutdown.clone()).await.unwrap();
-        if let Some(socket) = benchgate::admin::server::bind(&config.admin).await.unwrap() {
+        if let Some(socket) = benchgate::admin::server::bind(&config.admin, false)
+            .await
+            .unwrap()
+        {
             tokio::spawn(benchgate::admin::server::serve(shared.clone(), socket));
         }
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,0 +1,302 @@
+//! Fleet operations with the real OpenSSH client: `serve --takeover` replaces a running daemon
+//! without refusing a login or dropping a session, and systemd socket activation.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use benchgate::config::{Config, NonEmpty, Optional};
+use support::{Bastion, Container};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// `benchgate serve` with `args`, its log in `log`.
+fn daemon(args: &[&str], config: &Path, log: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_benchgate"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (bounded, 30 s) until `log` contains `what`.
+async fn wait_for_log(log: &Path, what: &str) {
+    for _ in 0..300 {
+        if std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .contains(what)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "{what:?} never logged: {}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+/// Waits (bounded, 30 s) for `child` to exit; its exit code.
+async fn exit_of(child: &mut Child) -> Option<i32> {
+    tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exited within 30 s")
+        .unwrap()
+        .code()
+}
+
+/// A `cat` session kept open: what is written comes back.
+struct Cat {
+    child: Child,
+    input: tokio::process::ChildStdin,
+    output: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Cat {
+    fn open(ssh: &[String]) -> Self {
+        let mut child = Command::new("ssh")
+            .args(ssh)
+            .arg("cat")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let input = child.stdin.take().unwrap();
+        let output = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        Self {
+            child,
+            input,
+            output,
+        }
+    }
+
+    async fn echo(&mut self, line: &str) -> Option<String> {
+        self.input
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .ok()?;
+        tokio::time::timeout(Duration::from_secs(10), self.output.next_line())
+            .await
+            .ok()?
+            .ok()?
+    }
+}
+
+/// The `ssh` arguments (before the command) for `bench` through `bastion` with `key`.
+fn ssh_args(bastion: &Bastion, key: &Path, bench: &str) -> Vec<String> {
+    let mut args = bastion.client_options(key);
+    args.extend([
+        "-p".to_owned(),
+        bastion.addr.port().to_string(),
+        format!("{bench}@127.0.0.1"),
+    ]);
+    args
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_takeover_refuses_no_login_and_the_old_daemon_drains_then_exits() {
+    let container = Container::start(&[]);
+    let metrics = free_addr();
+    let mut old = Bastion::spawn(|_, config| {
+        config.metrics.listen = Optional(Some(metrics));
+    })
+    .await;
+    let bench = container.bench.clone();
+    let key = old.user_with_cert("user", "ca", &["-n", &bench]);
+    let ssh = ssh_args(&old, &key, &bench);
+    let config = old.path("benchgate.toml");
+
+    let mut before = Cat::open(&ssh);
+    assert_eq!(before.echo("before").await.as_deref(), Some("before"));
+
+    // Logins every 100 ms through both takeovers.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let logins = tokio::spawn({
+        let (ssh, stop) = (ssh.clone(), stop.clone());
+        async move {
+            let mut failures = Vec::new();
+            let mut count = 0;
+            while !stop.is_cancelled() {
+                let out = Command::new("ssh")
+                    .args(&ssh)
+                    .arg("echo ok")
+                    .output()
+                    .await
+                    .unwrap();
+                count += 1;
+                if String::from_utf8_lossy(&out.stdout) != "ok\n" {
+                    failures.push(String::from_utf8_lossy(&out.stderr).into_owned());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (count, failures)
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // A takeover with other listeners is refused; the running daemon is untouched.
+    let mut other: Config = Config::load(&config).unwrap();
+    other.server.listen = NonEmpty(vec![free_addr()]);
+    let other_path = old.path("other.toml");
+    std::fs::write(&other_path, other.to_toml()).unwrap();
+    let mut refused = daemon(
+        &["serve", "--takeover"],
+        &other_path,
+        &old.path("refused.log"),
+    );
+    assert_eq!(exit_of(&mut refused).await, Some(1));
+    let said = std::fs::read_to_string(old.path("refused.log")).unwrap();
+    assert!(
+        said.contains("a takeover needs the same listeners"),
+        "{said}"
+    );
+
+    let mut new = daemon(&["serve", "--takeover"], &config, &old.path("new.log"));
+    wait_for_log(&old.path("new.log"), "took over").await;
+    wait_for_log(&old.path("daemon.log"), "draining").await;
+    // The new daemon answers /health on the metrics port it took over.
+    let health = run_curl(metrics, "/health").await;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The session started before the takeover runs on in the old daemon.
+    assert_eq!(before.echo("after").await.as_deref(), Some("after"));
+    assert!(old.process.as_mut().unwrap().try_wait().unwrap().is_none());
+
+    // A second takeover while the first daemon drains: the second daemon has no session
+    // and exits at once.
+    let mut newer = daemon(&["serve", "--takeover"], &config, &old.path("newer.log"));
+    wait_for_log(&old.path("newer.log"), "took over").await;
+    assert_eq!(exit_of(&mut new).await, Some(0));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    let (count, failures) = logins.await.unwrap();
+    assert!(count >= 10, "only {count} logins");
+    assert!(
+        failures.is_empty(),
+        "{} of {count} logins failed: {failures:?}",
+        failures.len()
+    );
+
+    // The first daemon exits once its last session ends.
+    assert_eq!(before.echo("still").await.as_deref(), Some("still"));
+    drop(before.input);
+    let _ = before.child.wait().await;
+    let first = old.process.as_mut().unwrap();
+    let code = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(status) = first.try_wait().unwrap() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the drained daemon exited");
+    assert_eq!(code, Some(0), "{}", old.log());
+    let out = Command::new("ssh")
+        .args(&ssh)
+        .arg("echo ok")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+    drop(newer.start_kill());
+}
+
+/// `GET path` on `addr`: the whole response.
+async fn run_curl(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
+        .await
+        .expect("answered within 5 s")
+        .unwrap();
+    response
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_takeover_without_a_running_daemon_says_so() {
+    let bastion = Bastion::start(|_, _| {}).await;
+    let mut config = Config::load(&bastion.path("benchgate.toml")).unwrap();
+    config.admin.socket = Optional(Some(bastion.path("nobody-here.sock")));
+    std::fs::write(bastion.path("alone.toml"), config.to_toml()).unwrap();
+    let mut alone = daemon(
+        &["serve", "--takeover"],
+        &bastion.path("alone.toml"),
+        &bastion.path("alone.log"),
+    );
+    assert_eq!(exit_of(&mut alone).await, Some(1));
+    let said = std::fs::read_to_string(bastion.path("alone.log")).unwrap();
+    assert!(said.contains("cannot reach the running daemon"), "{said}");
+}
+
+/// Under `systemd-socket-activate` the daemon serves on the socket it is given.
+#[tokio::test(flavor = "multi_thread")]
+async fn socket_activation_serves_on_the_inherited_socket() {
+    let container = Container::start(&[]);
+    let mut bastion = Bastion::start(|_, _| {}).await;
+    let key = bastion.user_with_cert("user", "ca", &["-n", &container.bench]);
+    let mut config = Config::load(&bastion.path("benchgate.toml")).unwrap();
+    // Not used: the listener comes from systemd.
+    config.server.listen = NonEmpty(vec![free_addr()]);
+    config.admin.socket = Optional(Some(bastion.path("activated.sock")));
+    std::fs::write(bastion.path("activated.toml"), config.to_toml()).unwrap();
+    let addr = free_addr();
+    let _activated = Command::new("systemd-socket-activate")
+        .args(["-l", &addr.to_string()])
+        .arg(env!("CARGO_BIN_EXE_benchgate"))
+        .args(["serve", "--config"])
+        .arg(bastion.path("activated.toml"))
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(bastion.path("activated.log")).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("systemd-socket-activate is required: bash scripts/setup.sh installs systemd");
+    bastion.reach_via(addr);
+    let mut run = bastion
+        .exec(&container.bench, &key, &[], "echo activated", b"")
+        .await;
+    for _ in 0..50 {
+        if run.code == Some(0) {
+            break;
+        }
+        // The first connection starts the daemon; it may still be starting.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        run = bastion
+            .exec(&container.bench, &key, &[], "echo activated", b"")
+            .await;
+    }
+    assert_eq!(
+        run.stdout_text(),
+        "activated\n",
+        "{run:?} {}",
+        std::fs::read_to_string(bastion.path("activated.log")).unwrap_or_default()
+    );
+    let log = std::fs::read_to_string(bastion.path("activated.log")).unwrap();
+    let ready = log
+        .lines()
+        .find(|l| l.contains("benchgate ready"))
+        .unwrap_or_default();
+    assert!(ready.contains(&format!("[{addr}]")), "{log}");
+}
