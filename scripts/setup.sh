@@ -16,6 +16,8 @@ need socat socat
 need stunnel stunnel4
 need openssl openssl
 need systemd-analyze systemd
+need systemd-socket-activate systemd
+need haproxy haproxy
 need sftp openssh-client
 need python3 python3
 [ -x /bin/busybox ] || need_apt+=(busybox-static)

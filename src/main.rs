@@ -29,8 +29,9 @@ enum Command {
         /// Take the listening sockets of the daemon running with this config (through its
         /// admin socket) instead of binding them: it stops accepting, serves its live sessions
         /// to their end (at most server.drain_limit) and exits. No connection is refused.
-        #[arg(long)]
-        takeover: bool,
+        /// `if-running`: bind as usual when no daemon answers (for systemd instances).
+        #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "always")]
+        takeover: Option<Takeover>,
     },
     /// Parse and validate the config, load the keys it names, print the effective config.
     CheckConfig {
@@ -104,6 +105,15 @@ enum Command {
         /// The certificate (-cert.pub).
         cert: PathBuf,
     },
+}
+
+/// When `serve` takes a running daemon's sockets.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Takeover {
+    /// Always; fail when no daemon answers on the admin socket.
+    Always,
+    /// When a daemon answers on the admin socket; else bind.
+    IfRunning,
 }
 
 /// Which sessions: those matching every option given (before or after `end`).
@@ -184,7 +194,7 @@ fn main() -> ExitCode {
         Command::Quickstart { dir, listen } => benchgate::quickstart::prepare(&dir, listen)
             .and_then(|(config, text)| {
                 print_all(&text)?;
-                serve(Some(&config), false)
+                serve(Some(&config), None)
             }),
         Command::Sessions {
             config,
@@ -322,9 +332,19 @@ fn print_all(text: &str) -> anyhow::Result<()> {
     }
 }
 
-fn serve(path: Option<&Path>, takeover: bool) -> anyhow::Result<()> {
+fn serve(path: Option<&Path>, takeover: Option<Takeover>) -> anyhow::Result<()> {
     use benchgate::listeners::{self, Listeners};
     let (config, source) = load_config(path)?;
+    let takeover = match takeover {
+        None => false,
+        Some(Takeover::Always) => true,
+        Some(Takeover::IfRunning) => config
+            .admin
+            .socket
+            .0
+            .as_ref()
+            .is_some_and(|path| std::os::unix::net::UnixStream::connect(path).is_ok()),
+    };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         benchgate::logging::init(config.log.format);

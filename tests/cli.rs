@@ -274,15 +274,22 @@ fn systemd_unit_verifies_and_is_well_sandboxed() {
     let dir = tempfile::tempdir().unwrap();
     let unit = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/systemd/benchgate.service"
+        "/systemd/benchgate@.service"
     ))
     .unwrap();
     // verify wants the binaries to exist: point it at the one just built.
     let unit = unit.replace("/usr/local/bin/benchgate", env!("CARGO_BIN_EXE_benchgate"));
-    let path = dir.path().join("benchgate.service");
+    // An instance of the template, as `systemctl start benchgate@a` makes it.
+    let path = dir.path().join("benchgate@a.service");
     std::fs::write(&path, unit).unwrap();
+    let socket = dir.path().join("benchgate.socket");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/benchgate.socket"),
+        &socket,
+    )
+    .unwrap();
     let verify = Command::new("systemd-analyze")
-        .args(["verify", path.to_str().unwrap()])
+        .args(["verify", path.to_str().unwrap(), socket.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(verify.status.success(), "{}", stderr(&verify));
@@ -299,7 +306,7 @@ fn systemd_unit_verifies_and_is_well_sandboxed() {
     let exposure: f64 = report
         .lines()
         .find_map(|l| {
-            l.split("Overall exposure level for benchgate.service: ")
+            l.split("Overall exposure level for benchgate@a.service: ")
                 .nth(1)
         })
         .and_then(|rest| rest.split_whitespace().next())

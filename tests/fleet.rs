@@ -240,6 +240,7 @@ async fn a_takeover_without_a_running_daemon_says_so() {
     let bastion = Bastion::start(|_, _| {}).await;
     let mut config = Config::load(&bastion.path("benchgate.toml")).unwrap();
     config.admin.socket = Optional(Some(bastion.path("nobody-here.sock")));
+    config.server.listen = NonEmpty(vec![free_addr()]);
     std::fs::write(bastion.path("alone.toml"), config.to_toml()).unwrap();
     let mut alone = daemon(
         &["serve", "--takeover"],
@@ -249,6 +250,14 @@ async fn a_takeover_without_a_running_daemon_says_so() {
     assert_eq!(exit_of(&mut alone).await, Some(1));
     let said = std::fs::read_to_string(bastion.path("alone.log")).unwrap();
     assert!(said.contains("cannot reach the running daemon"), "{said}");
+    // `if-running` (the systemd instances') binds as usual when nothing runs.
+    let mut alone = daemon(
+        &["serve", "--takeover=if-running"],
+        &bastion.path("alone.toml"),
+        &bastion.path("alone.log"),
+    );
+    wait_for_log(&bastion.path("alone.log"), "benchgate ready").await;
+    drop(alone.start_kill());
 }
 
 /// Under `systemd-socket-activate` the daemon serves on the socket it is given.
@@ -299,4 +308,105 @@ async fn socket_activation_serves_on_the_inherited_socket() {
         .find(|l| l.contains("benchgate ready"))
         .unwrap_or_default();
     assert!(ready.contains(&format!("[{addr}]")), "{log}");
+}
+
+/// Two replicas behind the real HAProxy with `deploy/haproxy.cfg` as it is: the client's
+/// address crosses the balancer (PROXY v2) for `source-address`, and a dead replica costs no
+/// login.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replicas_behind_haproxy_see_the_real_client_and_survive_one_dying() {
+    use benchgate::config::Net;
+    let container = Container::start(&[]);
+    let mut first = Bastion::spawn(|_, config| {
+        config.server.proxy_protocol = true;
+        config.server.trusted_proxies = vec![Net("127.0.0.1/32".parse().unwrap())];
+    })
+    .await;
+    let bench = container.bench.clone();
+    let key = first.user_with_cert(
+        "user",
+        "ca",
+        &["-n", &bench, "-O", "source-address=127.0.0.2/32"],
+    );
+    // The second replica: the same config, host key and CA; its own port and admin socket.
+    let mut config = Config::load(&first.path("benchgate.toml")).unwrap();
+    let second_addr = free_addr();
+    config.server.listen = NonEmpty(vec![second_addr]);
+    config.admin.socket = Optional(Some(first.path("second.sock")));
+    std::fs::write(first.path("second.toml"), config.to_toml()).unwrap();
+    let _second = daemon(&["serve"], &first.path("second.toml"), &first.path("second.log"));
+    let lb = free_addr();
+    let mut haproxy = Command::new("haproxy")
+        .args(["-db", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy.cfg")])
+        .env("BENCHGATE_LB_BIND", lb.to_string())
+        .env("BENCHGATE_REPLICA_1", first.addr.to_string())
+        .env("BENCHGATE_REPLICA_2", second_addr.to_string())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(first.path("haproxy.log")).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("haproxy is required: bash scripts/setup.sh installs it");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(second_addr).is_ok()
+            && std::net::TcpStream::connect(lb).is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    first.reach_via(lb);
+    let args = ssh_args(&first, &key, &bench);
+    let login = |from: &'static str| {
+        let args = args.clone();
+        async move {
+            Command::new("ssh")
+                .args(["-b", from])
+                .args(&args)
+                .arg("echo ok")
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let logins = |from: &'static str| {
+        let login = login.clone();
+        async move {
+            let mut outs = Vec::new();
+            for _ in 0..10 {
+                outs.push(login(from).await);
+            }
+            outs
+        }
+    };
+    for out in logins("127.0.0.2").await {
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n", "{out:?}");
+    }
+    let accepted: Vec<_> = first
+        .audit()
+        .into_iter()
+        .filter(|e| e["event"] == "auth.accepted")
+        .collect();
+    assert_eq!(accepted.len(), 10, "{accepted:?}");
+    assert!(
+        accepted
+            .iter()
+            .all(|e| e["peer"].as_str().unwrap().starts_with("127.0.0.2:")),
+        "{accepted:?}"
+    );
+    // Round robin: both replicas served.
+    assert!(std::fs::read_to_string(first.path("second.log")).unwrap().contains("auth accepted"));
+    assert!(first.log().contains("auth accepted"));
+
+    let refused = login("127.0.0.3").await;
+    assert_eq!(refused.status.code(), Some(255), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("Permission denied"));
+
+    // One replica dies: the balancer sends every login to the other.
+    let process = first.process.as_mut().unwrap();
+    process.kill().unwrap();
+    process.wait().unwrap();
+    for out in logins("127.0.0.2").await {
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n", "{out:?}");
+    }
+    let _ = haproxy.start_kill();
 }
