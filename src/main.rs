@@ -310,6 +310,7 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
         }
     }
     report += &format!("# {}\n", benchgate::admin::server::describe(&config.admin)?);
+    report += &compare_with_running(&config);
     for ca in &trust.cas {
         report += &format!("# trusted user CA {}\n", ca.fingerprint);
     }
@@ -321,6 +322,54 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
     }
     report += &config.to_toml();
     print_all(&report)
+}
+
+/// What SIGHUP would change in the daemon answering on `config`'s admin socket, if one does.
+fn compare_with_running(config: &Config) -> String {
+    let Some(socket) = config.admin.socket.0.as_deref().filter(|s| s.exists()) else {
+        return String::new();
+    };
+    let status = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(benchgate::admin::client::status(socket)));
+    let status = match status {
+        Ok(status) => status,
+        Err(e) => return format!("# no running daemon to compare with: {e:#}\n"),
+    };
+    let wanted: Vec<&String> = config.docker.endpoints.0.iter().map(|e| &e.url).collect();
+    let list = |urls: Vec<&String>| match urls.is_empty() {
+        true => "none".to_owned(),
+        false => urls
+            .iter()
+            .map(|u| u.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    let added = wanted
+        .iter()
+        .copied()
+        .filter(|u| !status.endpoints.contains(u))
+        .collect();
+    let removed = status
+        .endpoints
+        .iter()
+        .filter(|u| !wanted.contains(u))
+        .collect();
+    let kept = status
+        .endpoints
+        .iter()
+        .filter(|u| wanted.contains(u))
+        .collect();
+    format!(
+        "# the daemon running (pid {}{}): SIGHUP would add Docker endpoints {}; remove {}; keep {}\n",
+        status.pid,
+        if status.draining { ", draining" } else { "" },
+        list(added),
+        list(removed),
+        list(kept)
+    )
 }
 
 /// Writes `text` to stdout; a reader that went away (`| head`) is not an error.

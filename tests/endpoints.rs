@@ -325,6 +325,25 @@ async fn sighup_removes_and_adds_engines_and_live_sessions_run_on() {
         line.contains(&format!("added {dead}; removed {through_proxy}; kept none")),
         "{line}"
     );
+    // check-config compares a file with the running daemon's engines.
+    let mut proposed = original.clone();
+    proposed.docker.endpoints = NonEmpty(vec![endpoint(through_proxy.clone())]);
+    std::fs::write(bastion.path("proposed.toml"), proposed.to_toml()).unwrap();
+    let checked = run(
+        env!("CARGO_BIN_EXE_benchgate"),
+        &[
+            "check-config",
+            "--config",
+            bastion.path("proposed.toml").to_str().unwrap(),
+        ],
+    );
+    let checked = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        checked.contains(&format!(
+            "SIGHUP would add Docker endpoints {through_proxy}; remove {dead}; keep none"
+        )),
+        "{checked}"
+    );
     let refused = bastion.exec(bench, &key, &[], "echo no", b"").await;
     assert!(
         refused

@@ -334,10 +334,18 @@ async fn two_replicas_behind_haproxy_see_the_real_client_and_survive_one_dying()
     config.server.listen = NonEmpty(vec![second_addr]);
     config.admin.socket = Optional(Some(first.path("second.sock")));
     std::fs::write(first.path("second.toml"), config.to_toml()).unwrap();
-    let _second = daemon(&["serve"], &first.path("second.toml"), &first.path("second.log"));
+    let _second = daemon(
+        &["serve"],
+        &first.path("second.toml"),
+        &first.path("second.log"),
+    );
     let lb = free_addr();
     let mut haproxy = Command::new("haproxy")
-        .args(["-db", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy.cfg")])
+        .args([
+            "-db",
+            "-f",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy.cfg"),
+        ])
         .env("BENCHGATE_LB_BIND", lb.to_string())
         .env("BENCHGATE_REPLICA_1", first.addr.to_string())
         .env("BENCHGATE_REPLICA_2", second_addr.to_string())
@@ -394,7 +402,9 @@ async fn two_replicas_behind_haproxy_see_the_real_client_and_survive_one_dying()
         "{accepted:?}"
     );
     // Round robin: both replicas served.
-    assert!(std::fs::read_to_string(first.path("second.log")).unwrap().contains("auth accepted"));
+    assert!(std::fs::read_to_string(first.path("second.log"))
+        .unwrap()
+        .contains("auth accepted"));
     assert!(first.log().contains("auth accepted"));
 
     let refused = login("127.0.0.3").await;

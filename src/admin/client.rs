@@ -13,7 +13,7 @@ use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
 
 use super::terminal::Allowed;
-use super::{read_line, Line, Reply, Request, Select, SessionInfo, WatchFrame};
+use super::{read_line, Line, Reply, Request, Select, SessionInfo, Status, WatchFrame};
 use crate::auth::bounded;
 
 /// Longest reply line the client reads (a long session list).
@@ -44,23 +44,6 @@ pub enum Command {
 /// Runs `command` against the daemon listening on `socket`; the text to print goes to stdout
 /// as it comes. An error reply (nothing matched, not allowed) is an error.
 pub async fn run(socket: &Path, command: Command) -> anyhow::Result<()> {
-    let stream = UnixStream::connect(socket).await.map_err(|e| {
-        let hint = match e.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                " (is benchgate running with this config's [admin] socket?)"
-            }
-            std::io::ErrorKind::PermissionDenied => {
-                " (run as root, as benchgate's user, or as a member of [admin] group)"
-            }
-            _ => "",
-        };
-        anyhow!(
-            "cannot reach the admin socket {}: {e}{hint}",
-            socket.display()
-        )
-    })?;
-    let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read);
     let request = match &command {
         Command::List { select, .. } => Request::Sessions {
             select: select.clone(),
@@ -71,27 +54,7 @@ pub async fn run(socket: &Path, command: Command) -> anyhow::Result<()> {
         },
         Command::Watch { id } => Request::Watch { id: id.clone() },
     };
-    let mut line = serde_json::to_vec(&request)?;
-    line.push(b'\n');
-    // A refusal may come (and the daemon close) before the request is written: read it anyway.
-    let written = write.write_all(&line).await;
-    let reply = tokio::time::timeout(REPLY_WAIT, next::<Reply>(&mut reader))
-        .await
-        .map_err(|_| anyhow!("the daemon did not answer within 30 seconds"))
-        .and_then(|reply| reply);
-    let reply = match (written, reply) {
-        (_, Ok(reply)) => reply,
-        (Err(e), Err(_)) => bail!("admin socket {}: {e}", socket.display()),
-        (Ok(()), Err(e)) => return Err(e),
-    };
-    // The daemon's words are escaped like everything else it sends.
-    if let Some(error) = reply.error {
-        let error = bounded(&error);
-        if reply.no_match {
-            return Err(NoMatch(error).into());
-        }
-        bail!("{error}");
-    }
+    let (reply, mut reader) = ask(socket, &request).await?;
     let mut stdout = tokio::io::stdout();
     let text = match command {
         Command::List { json: true, .. } => json(&reply.sessions.unwrap_or_default())?,
@@ -127,6 +90,59 @@ pub async fn run(socket: &Path, command: Command) -> anyhow::Result<()> {
     stdout.write_all(text.as_bytes()).await?;
     stdout.flush().await?;
     Ok(())
+}
+
+/// Sends `request` to the daemon on `socket`; its reply (an error reply is an error) and
+/// the connection, for what follows it.
+async fn ask(
+    socket: &Path,
+    request: &Request,
+) -> anyhow::Result<(Reply, BufReader<tokio::net::unix::OwnedReadHalf>)> {
+    let stream = UnixStream::connect(socket).await.map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                " (is benchgate running with this config's [admin] socket?)"
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                " (run as root, as benchgate's user, or as a member of [admin] group)"
+            }
+            _ => "",
+        };
+        anyhow!(
+            "cannot reach the admin socket {}: {e}{hint}",
+            socket.display()
+        )
+    })?;
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    // A refusal may come (and the daemon close) before the request is written: read it anyway.
+    let written = write.write_all(&line).await;
+    let reply = tokio::time::timeout(REPLY_WAIT, next::<Reply>(&mut reader))
+        .await
+        .map_err(|_| anyhow!("the daemon did not answer within 30 seconds"))
+        .and_then(|reply| reply);
+    let reply = match (written, reply) {
+        (_, Ok(reply)) => reply,
+        (Err(e), Err(_)) => bail!("admin socket {}: {e}", socket.display()),
+        (Ok(()), Err(e)) => return Err(e),
+    };
+    // The daemon's words are escaped like everything else it sends.
+    if let Some(error) = &reply.error {
+        let error = bounded(error);
+        if reply.no_match {
+            return Err(NoMatch(error).into());
+        }
+        bail!("{error}");
+    }
+    Ok((reply, reader))
+}
+
+/// What the daemon on `socket` is.
+pub async fn status(socket: &Path) -> anyhow::Result<Status> {
+    let (reply, _) = ask(socket, &Request::Status).await?;
+    reply.status.context("the daemon's reply has no status")
 }
 
 /// The next line from the daemon, parsed.
