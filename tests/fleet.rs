@@ -376,15 +376,12 @@ async fn two_replicas_behind_haproxy_see_the_real_client_and_survive_one_dying()
                 .unwrap()
         }
     };
-    let logins = |from: &'static str| {
-        let login = login.clone();
-        async move {
-            let mut outs = Vec::new();
-            for _ in 0..10 {
-                outs.push(login(from).await);
-            }
-            outs
+    let logins = |from: &'static str| async move {
+        let mut outs = Vec::new();
+        for _ in 0..10 {
+            outs.push(login(from).await);
         }
+        outs
     };
     for out in logins("127.0.0.2").await {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n", "{out:?}");

@@ -54,7 +54,7 @@ pub async fn run(socket: &Path, command: Command) -> anyhow::Result<()> {
         },
         Command::Watch { id } => Request::Watch { id: id.clone() },
     };
-    let (reply, mut reader) = ask(socket, &request).await?;
+    let (reply, (mut reader, _writer)) = ask(socket, &request).await?;
     let mut stdout = tokio::io::stdout();
     let text = match command {
         Command::List { json: true, .. } => json(&reply.sessions.unwrap_or_default())?,
@@ -92,12 +92,15 @@ pub async fn run(socket: &Path, command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The two halves of a connection to the daemon (dropping the writer tells it we are gone).
+type Connection = (
+    BufReader<tokio::net::unix::OwnedReadHalf>,
+    tokio::net::unix::OwnedWriteHalf,
+);
+
 /// Sends `request` to the daemon on `socket`; its reply (an error reply is an error) and
 /// the connection, for what follows it.
-async fn ask(
-    socket: &Path,
-    request: &Request,
-) -> anyhow::Result<(Reply, BufReader<tokio::net::unix::OwnedReadHalf>)> {
+async fn ask(socket: &Path, request: &Request) -> anyhow::Result<(Reply, Connection)> {
     let stream = UnixStream::connect(socket).await.map_err(|e| {
         let hint = match e.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
@@ -136,7 +139,7 @@ async fn ask(
         }
         bail!("{error}");
     }
-    Ok((reply, reader))
+    Ok((reply, (reader, write)))
 }
 
 /// What the daemon on `socket` is.
