@@ -97,6 +97,17 @@ impl Cat {
     }
 }
 
+/// `ssh` with `options`, then `args` (before the command), running `echo ok`.
+async fn echo_ok(options: &[&str], args: &[String]) -> std::process::Output {
+    Command::new("ssh")
+        .args(options)
+        .args(args)
+        .arg("echo ok")
+        .output()
+        .await
+        .unwrap()
+}
+
 /// The `ssh` arguments (before the command) for `bench` through `bastion` with `key`.
 fn ssh_args(bastion: &Bastion, key: &Path, bench: &str) -> Vec<String> {
     let mut args = bastion.client_options(key);
@@ -132,12 +143,7 @@ async fn a_takeover_refuses_no_login_and_the_old_daemon_drains_then_exits() {
             let mut failures = Vec::new();
             let mut count = 0;
             while !stop.is_cancelled() {
-                let out = Command::new("ssh")
-                    .args(&ssh)
-                    .arg("echo ok")
-                    .output()
-                    .await
-                    .unwrap();
+                let out = echo_ok(&[], &ssh).await;
                 count += 1;
                 if String::from_utf8_lossy(&out.stdout) != "ok\n" {
                     failures.push(String::from_utf8_lossy(&out.stderr).into_owned());
@@ -209,12 +215,7 @@ async fn a_takeover_refuses_no_login_and_the_old_daemon_drains_then_exits() {
     .await
     .expect("the drained daemon exited");
     assert_eq!(code, Some(0), "{}", old.log());
-    let out = Command::new("ssh")
-        .args(&ssh)
-        .arg("echo ok")
-        .output()
-        .await
-        .unwrap();
+    let out = echo_ok(&[], &ssh).await;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
     drop(newer.start_kill());
 }
@@ -366,15 +367,7 @@ async fn two_replicas_behind_haproxy_see_the_real_client_and_survive_one_dying()
     let args = ssh_args(&first, &key, &bench);
     let login = |from: &'static str| {
         let args = args.clone();
-        async move {
-            Command::new("ssh")
-                .args(["-b", from])
-                .args(&args)
-                .arg("echo ok")
-                .output()
-                .await
-                .unwrap()
-        }
+        async move { echo_ok(&["-b", from], &args).await }
     };
     let logins = |from: &'static str| async move {
         let mut outs = Vec::new();
