@@ -59,7 +59,7 @@ pub struct Server {
     /// How long shutdown waits for sessions to finish.
     pub shutdown_grace: Span,
     /// How long a daemon that handed its listeners over (`serve --takeover`) keeps serving its
-    /// live sessions before it ends them.
+    /// live sessions before it ends them; 0 = no limit.
     pub drain_limit: Span,
     /// Expect PROXY protocol headers from a load balancer.
     pub proxy_protocol: bool,

@@ -6,9 +6,9 @@
 //! ```text
 //! new -> {"op":"takeover","listen":["127.0.0.1:2222"],"metrics":"127.0.0.1:9102"}
 //! old -> {"ok":true,"handed":{...}}            with the sockets attached (SSH, then metrics)
-//!        (the new daemon starts accepting on them; both accept for a moment)
-//! new -> {"accepting":true}
+//! new -> {"accepting":true}                    once ready to serve
 //! old -> {"ok":true}                           and stops accepting, drains, exits 0
+//!        (the new daemon starts accepting; connections meanwhile wait in the queues)
 //! ```
 //! Until the last line the old daemon serves as before: a new daemon that dies or says
 //! anything else aborts the takeover and nothing changes.
@@ -38,6 +38,8 @@ const STEP_LIMIT: Duration = Duration::from_secs(30);
 const MAX_SOCKETS: usize = 16;
 /// Longest line of a handover.
 const MAX_LINE: usize = 64 * 1024;
+/// Longest answer of a new daemon (`{"accepting":true}`).
+const MAX_ANSWER: usize = 64;
 
 /// The daemon's listening sockets.
 #[derive(Debug)]
@@ -372,10 +374,16 @@ impl Handover {
         if sent != line.len() {
             return Err("the handover line was cut".to_owned());
         }
-        // The new daemon accepts on them now; this one too until it says so.
+        // The new daemon says it is ready to accept on them (it accepts once answered). One
+        // deadline for the whole answer: a peer trickling bytes cannot hold the handover.
+        let deadline = std::time::Instant::now() + STEP_LIMIT;
         let mut answer = Vec::new();
         let mut byte = [0u8; 1];
-        while !answer.ends_with(b"\n") && answer.len() < MAX_LINE {
+        while !answer.ends_with(b"\n") && answer.len() < MAX_ANSWER {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+                return Err("the new daemon did not say it accepts in time".to_owned());
+            }
             match stream.read(&mut byte) {
                 Ok(0) => return Err("the new daemon went away before it accepted".to_owned()),
                 Ok(_) => answer.push(byte[0]),

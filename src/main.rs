@@ -382,7 +382,7 @@ fn print_all(text: &str) -> anyhow::Result<()> {
 }
 
 fn serve(path: Option<&Path>, takeover: Option<Takeover>) -> anyhow::Result<()> {
-    use benchgate::listeners::{self, Listeners};
+    use benchgate::listeners::Listeners;
     let (config, source) = load_config(path)?;
     let takeover = match takeover {
         None => false,
@@ -394,14 +394,23 @@ fn serve(path: Option<&Path>, takeover: Option<Takeover>) -> anyhow::Result<()> 
             .as_ref()
             .is_some_and(|path| std::os::unix::net::UnixStream::connect(path).is_ok()),
     };
+    // Before any thread starts: listenfd takes LISTEN_* out of the environment. A takeover
+    // takes the running daemon's sockets once this one is ready to serve.
+    let bound = match takeover {
+        true => None,
+        false => Some(match Listeners::from_systemd(&config)? {
+            Some(inherited) => inherited,
+            None => Listeners::bind(&config)?,
+        }),
+    };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         benchgate::logging::init(config.log.format);
         // The recorder first, so start-up (the first bench listing) is counted too.
         let recorder = match config.metrics.listen.0 {
-            Some(_) => Some(
-                benchgate::metrics::install().context("cannot install the metrics recorder")?,
-            ),
+            Some(_) => {
+                Some(benchgate::metrics::install().context("cannot install the metrics recorder")?)
+            }
             None => None,
         };
         // Set once serving: /health says "starting" until then.
@@ -426,15 +435,6 @@ fn serve(path: Option<&Path>, takeover: Option<Takeover>) -> anyhow::Result<()> 
             ));
             Ok(())
         };
-        // Inherited from systemd or bound now; a takeover takes the running daemon's once
-        // this one is ready to serve.
-        let bound = match takeover {
-            true => None,
-            false => Some(match Listeners::from_systemd(&config)? {
-                Some(inherited) => inherited,
-                None => Listeners::bind(&config)?,
-            }),
-        };
         // Served now (a duplicate: the original is kept to hand over), so /health says
         // "starting" during start-up.
         if let Some(listener) = bound.as_ref().and_then(|b| b.metrics.as_ref()) {
@@ -442,29 +442,28 @@ fn serve(path: Option<&Path>, takeover: Option<Takeover>) -> anyhow::Result<()> 
         }
         let shutdown = CancellationToken::new();
         let app = benchgate::start(&config, shutdown.clone()).await?;
-        let (mut listeners, handshake) = match bound {
+        let config_path = (source != "built-in defaults").then(|| PathBuf::from(&source));
+        tokio::spawn(signals(shutdown.clone(), config_path, app.clone()));
+        let (mut listeners, admin) = match bound {
             Some(mut bound) => {
                 app.handover.hold(&bound)?;
                 bound.metrics = None;
-                (bound, None)
+                let admin = benchgate::admin::server::bind(&config.admin, false).await?;
+                (bound, admin)
             }
-            None => {
-                let config = config.clone();
-                let (taken, handed, stream) =
-                    tokio::task::spawn_blocking(move || Listeners::take_over(&config)).await??;
-                tracing::info!(from = handed.pid, listen = ?handed.ssh, "taking over");
-                app.handover.hold(&taken)?;
-                (taken, Some(stream))
-            }
+            None => take_over(&config, &app).await?,
         };
+        let _ = serving.set(app.clone());
         metrics(listeners.metrics.take())?;
         let stop = app.handover.stop_accepting.clone();
         let metrics_stop = metrics_stop.clone();
         tokio::spawn(async move {
             stop.cancelled().await;
             metrics_stop.cancel();
+            // systemd shows the instance as deactivating while it drains.
+            notify(State::Stopping);
         });
-        if let Some(socket) = benchgate::admin::server::bind(&config.admin, takeover).await? {
+        if let Some(socket) = admin {
             tokio::spawn(benchgate::admin::server::serve(app.clone(), socket));
         }
         let mut ssh = Vec::new();
@@ -473,23 +472,49 @@ fn serve(path: Option<&Path>, takeover: Option<Takeover>) -> anyhow::Result<()> 
             ssh.push(tokio::net::TcpListener::from_std(listener)?);
         }
         let addresses: Vec<_> = ssh.iter().filter_map(|l| l.local_addr().ok()).collect();
-        let config_path = (source != "built-in defaults").then(|| PathBuf::from(&source));
-        tokio::spawn(signals(shutdown.clone(), config_path, app.clone()));
-        let serving_task = tokio::spawn(benchgate::ssh::server::serve(app.clone(), ssh, shutdown));
-        if let Some(stream) = handshake {
-            // Connections meanwhile wait in the sockets' queues: none is refused.
-            match tokio::task::spawn_blocking(move || listeners::finish_takeover(stream)).await? {
-                Ok(()) => tracing::info!("took over: the previous daemon stopped accepting and drains"),
-                Err(e) => tracing::warn!(error = %format!("{e:#}"), "the previous daemon did not confirm the takeover; serving anyway"),
-            }
-        }
         tracing::info!(config = %source, listen = ?addresses, "benchgate ready");
-        let _ = serving.set(app);
         notify(State::Ready);
-        serving_task.await?;
+        benchgate::ssh::server::serve(app, ssh, shutdown).await;
         tracing::info!("benchgate stopped");
         Ok(())
     })
+}
+
+/// Takes the running daemon's listening sockets (see [`benchgate::listeners`]); the admin
+/// socket is bound at a path of its own and replaces the old one's only once the old daemon
+/// confirmed, so a takeover that fails leaves it reachable. Nothing is accepted before: the
+/// connections arriving meanwhile wait in the sockets' queues.
+async fn take_over(
+    config: &Config,
+    app: &benchgate::app::App,
+) -> anyhow::Result<(
+    benchgate::listeners::Listeners,
+    Option<benchgate::admin::server::Socket>,
+)> {
+    use benchgate::listeners::{self, Listeners};
+    let owned = config.clone();
+    let (taken, handed, stream) =
+        tokio::task::spawn_blocking(move || Listeners::take_over(&owned)).await??;
+    tracing::info!(from = handed.pid, listen = ?handed.ssh, "taking over");
+    app.handover.hold(&taken)?;
+    let mut admin = benchgate::admin::server::bind(&config.admin, true).await?;
+    match tokio::task::spawn_blocking(move || listeners::finish_takeover(stream)).await? {
+        Ok(()) => tracing::info!(
+            from = handed.pid,
+            "took over: the previous daemon stopped accepting and drains"
+        ),
+        Err(e) if Path::new(&format!("/proc/{}", handed.pid)).exists() => {
+            return Err(e.context("the running daemon did not confirm the takeover and serves on"));
+        }
+        Err(e) => tracing::warn!(
+            error = %format!("{e:#}"),
+            "the previous daemon died during the takeover; serving"
+        ),
+    }
+    if let Some(admin) = &mut admin {
+        admin.publish()?;
+    }
+    Ok((taken, admin))
 }
 
 /// SIGHUP: replaces the settings and the Docker endpoints from the file at `path`, telling

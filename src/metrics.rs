@@ -22,7 +22,7 @@ pub const REFUSED_REQUESTS_TOTAL: &str = "benchgate_refused_requests_total";
 /// Connections the server ended.
 pub const DISCONNECTS_TOTAL: &str = "benchgate_disconnects_total";
 /// Why the server ends connections: the `reason` labels of [`DISCONNECTS_TOTAL`].
-pub const DISCONNECT_REASONS: [&str; 9] = [
+pub const DISCONNECT_REASONS: [&str; 10] = [
     "login_grace_time",
     "expired",
     "revoked",
@@ -32,6 +32,7 @@ pub const DISCONNECT_REASONS: [&str; 9] = [
     "stuck",
     "protocol_violation",
     "unresponsive",
+    "upgraded",
 ];
 /// How sessions end: the `outcome` labels of [`SESSIONS_TOTAL`].
 pub const SESSION_OUTCOMES: [&str; 5] = [

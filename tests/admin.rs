@@ -483,6 +483,26 @@ async fn a_member_of_the_admin_group_may_use_the_socket() {
     let listed = support::run_client(cmd, b"").await;
     assert_eq!(listed.code, Some(0), "{listed:?}");
     assert_eq!(listed.stdout_text(), "no live sessions\n");
+    // Listing, ending and watching, yes; taking the bastion's listeners, no.
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "socat",
+        "-",
+    ])
+    .arg(format!(
+        "UNIX-CONNECT:{}",
+        bastion.path("admin.sock").display()
+    ));
+    let asked = support::run_client(cmd, b"{\"op\":\"takeover\",\"listen\":[]}\n").await;
+    assert!(
+        asked
+            .stdout_text()
+            .contains("uid 65534 may not take over the listeners"),
+        "{asked:?}"
+    );
 }
 
 /// Reads reply lines from a raw admin connection.

@@ -192,6 +192,10 @@ async fn a_takeover_refuses_no_login_and_the_old_daemon_drains_then_exits() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.cancel();
     let (count, failures) = logins.await.unwrap();
+    eprintln!(
+        "{count} logins through two takeovers, {} failed",
+        failures.len()
+    );
     assert!(count >= 10, "only {count} logins");
     assert!(
         failures.is_empty(),
@@ -409,4 +413,47 @@ async fn two_replicas_behind_haproxy_see_the_real_client_and_survive_one_dying()
         assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n", "{out:?}");
     }
     let _ = haproxy.start_kill();
+}
+
+/// A draining daemon lets go of connections that hold no session (an idle ControlMaster
+/// would keep it for the drain limit), then exits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drained_daemon_closes_connections_without_sessions_and_exits() {
+    let container = Container::start(&[]);
+    let mut old = Bastion::spawn(|_, _| {}).await;
+    let key = old.user_with_cert("user", "ca", &["-n", &container.bench]);
+    let mut args = ssh_args(&old, &key, &container.bench);
+    args.insert(0, "-N".to_owned());
+    let mut idle = Command::new("ssh")
+        .args(&args)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_for_log(&old.path("daemon.log"), "auth accepted").await;
+    let mut new = daemon(
+        &["serve", "--takeover"],
+        &old.path("benchgate.toml"),
+        &old.path("new.log"),
+    );
+    wait_for_log(&old.path("new.log"), "took over").await;
+    let code = exit_of(&mut idle).await;
+    assert_eq!(code, Some(255));
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(idle.stderr.as_mut().unwrap(), &mut stderr)
+        .await
+        .unwrap();
+    assert!(
+        stderr.contains("the bastion was upgraded; connect again"),
+        "{stderr}"
+    );
+    let first = old.process.as_mut().unwrap();
+    for _ in 0..100 {
+        if first.try_wait().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(first.try_wait().unwrap().and_then(|s| s.code()), Some(0));
+    drop(new.start_kill());
 }

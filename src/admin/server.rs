@@ -115,6 +115,21 @@ pub struct Socket {
     path: PathBuf,
     inode: (u64, u64),
     access: Access,
+    /// Where [`Socket::publish`] moves it (a takeover's socket, bound beside the old one).
+    published: Option<PathBuf>,
+}
+
+impl Socket {
+    /// Moves a takeover's socket over the running daemon's path (atomically: a client reaches
+    /// one or the other).
+    pub fn publish(&mut self) -> anyhow::Result<()> {
+        if let Some(path) = self.published.take() {
+            std::fs::rename(&self.path, &path)
+                .with_context(|| format!("admin.socket {}", path.display()))?;
+            self.path = path;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Socket {
@@ -129,15 +144,26 @@ impl Drop for Socket {
 
 /// Binds the socket `[admin]` names, if it names one. Refuses a directory others can write to,
 /// a path that is something other than a socket, and a socket another process answers on; a
-/// stale socket is replaced, and so is a live one on a `takeover` (the old daemon keeps its
-/// own, no longer reachable by path). A socket at the default path that cannot be bound (no
-/// `RuntimeDirectory`, not root) is reported and left out: the daemon serves without it.
+/// stale socket is replaced. For a `takeover` it is bound next to the running daemon's
+/// (`PATH.PID`) and replaces it with [`Socket::publish`] once the takeover is confirmed. A
+/// socket at the default path that cannot be bound (no `RuntimeDirectory`, not root) is
+/// reported and left out: the daemon serves without it.
 pub async fn bind(admin: &config::Admin, takeover: bool) -> anyhow::Result<Option<Socket>> {
     let Some(path) = &admin.socket.0 else {
         return Ok(None);
     };
     let access = Access::from_config(admin)?;
-    match open(path, access, takeover).await {
+    let result = match takeover {
+        false => open(path, access).await,
+        true => {
+            let own = PathBuf::from(format!("{}.{}", path.display(), std::process::id()));
+            open(&own, access).await.map(|mut socket| {
+                socket.published = Some(path.clone());
+                socket
+            })
+        }
+    };
+    match result {
         Ok(socket) => Ok(Some(socket)),
         Err(e) if path.as_os_str() == config::DEFAULT_ADMIN_SOCKET => {
             tracing::warn!(
@@ -150,7 +176,7 @@ pub async fn bind(admin: &config::Admin, takeover: bool) -> anyhow::Result<Optio
     }
 }
 
-async fn open(path: &Path, access: Access, takeover: bool) -> anyhow::Result<Socket> {
+async fn open(path: &Path, access: Access) -> anyhow::Result<Socket> {
     let context = || format!("admin.socket {}", path.display());
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
@@ -196,7 +222,6 @@ async fn open(path: &Path, access: Access, takeover: bool) -> anyhow::Result<Soc
         }
         let probe = tokio::time::timeout(Duration::from_secs(1), UnixStream::connect(path)).await;
         match probe {
-            _ if takeover => std::fs::remove_file(path).with_context(context)?,
             // Left by a daemon that did not get to remove it.
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 std::fs::remove_file(path).with_context(context)?
@@ -230,6 +255,7 @@ async fn open(path: &Path, access: Access, takeover: bool) -> anyhow::Result<Soc
         path: path.to_owned(),
         inode: (meta.dev(), meta.ino()),
         access,
+        published: None,
     })
 }
 
@@ -367,6 +393,15 @@ async fn connection(app: &Arc<App>, access: &Access, watches: &Arc<Semaphore>, s
                 }),
                 ..Reply::default()
             },
+            // Only a daemon of the bastion's own user (or root) may take its listeners.
+            Request::Takeover { .. } if uid != 0 && uid != access.daemon => {
+                let error = format!(
+                    "uid {uid} may not take over the listeners (root and the daemon's user may)"
+                );
+                account(app, uid, label, Some(&error), None);
+                let _ = send(&mut write, &Reply::error(error)).await;
+                return;
+            }
             Request::Takeover { listen, metrics } => {
                 if let Ok(stream) = reader.into_inner().reunite(write) {
                     takeover(app, uid, stream, listen, metrics).await;

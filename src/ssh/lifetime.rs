@@ -20,6 +20,8 @@ use crate::settings::Settings;
 
 /// How often idleness and stuck input are checked.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a draining daemon keeps a connection that holds no session.
+const DRAIN_IDLE: Duration = Duration::from_secs(10);
 
 /// A message from the connection to its sessions, which carry on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +55,8 @@ pub enum Ended {
     ProtocolViolation,
     /// The client read nothing for longer than its keepalives allow.
     Unresponsive,
+    /// The daemon handed its listeners to a new one and the connection had no session.
+    Upgraded,
 }
 
 impl Ended {
@@ -68,6 +72,7 @@ impl Ended {
             Self::Shutdown => "shutdown",
             Self::Stuck => "stuck",
             Self::ProtocolViolation => "protocol_violation",
+            Self::Upgraded => "upgraded",
             Self::Unresponsive => "unresponsive",
         }
     }
@@ -91,6 +96,7 @@ impl Ended {
                 "benchgate: the client sent more data than it was allowed to; closing the connection"
             }
             Self::Unresponsive => "benchgate: the client stopped reading; closing the connection",
+            Self::Upgraded => "benchgate: the bastion was upgraded; connect again",
         }
     }
 }
@@ -209,6 +215,10 @@ impl Link {
         while self.sessions.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    fn running_sessions(&self) -> u64 {
+        self.sessions.load(Ordering::Relaxed)
     }
 
     fn idle_for(&self) -> Duration {
@@ -351,6 +361,15 @@ pub async fn supervise(
                 if flow.stuck() {
                     return Ended::Stuck;
                 }
+                // A draining daemon lets go of connections that hold no session (an idle
+                // ControlMaster would otherwise keep it, and its old config, for the drain
+                // limit); a login that just arrived gets the time to start one.
+                if app.handover.draining()
+                    && link.running_sessions() == 0
+                    && link.idle_for() >= DRAIN_IDLE
+                {
+                    return Ended::Upgraded;
+                }
             }
         }
     }
@@ -450,6 +469,7 @@ mod tests {
             Stuck,
             ProtocolViolation,
             Unresponsive,
+            Upgraded,
         ] {
             assert!(
                 crate::metrics::DISCONNECT_REASONS.contains(&why.label()),

@@ -81,10 +81,11 @@ pub async fn serve(app: Arc<App>, listeners: Vec<TcpListener>, shutdown: Cancell
     if !gate.shutdown.is_cancelled() {
         // The listeners went to a new daemon: live connections run on until they end, the
         // drain limit passes, or SIGTERM; then what is left ends as on shutdown.
-        let limit = gate.app.server.drain_limit.0;
+        let limit = gate.app.server.drain_limit.nonzero();
+        let far = Duration::from_secs(100 * 365 * 24 * 3600);
         tokio::select! {
             () = gate.tracker.wait() => {}
-            () = tokio::time::sleep(limit) => {
+            () = tokio::time::sleep(limit.unwrap_or(far)) => {
                 tracing::info!(?limit, "drain limit reached: ending the remaining connections");
             }
             () = gate.shutdown.cancelled() => {}
