@@ -290,8 +290,9 @@ impl Handover {
     }
 
     /// Hands the sockets over on `stream` to a new daemon that listens on `listen` and
-    /// `metrics`, then waits for it to accept; `Ok` once this daemon must stop accepting.
-    /// Blocking: run it off the runtime.
+    /// `metrics`, then waits for it to accept; `Ok` once this daemon must stop accepting
+    /// (the caller cancels [`Handover::stop_accepting`] once it has recorded it). Blocking:
+    /// run it off the runtime.
     pub fn give(
         &self,
         mut stream: UnixStream,
@@ -320,7 +321,6 @@ impl Handover {
                 *phase = Phase::Draining;
                 // The new daemon has its own; these must not keep the ports open here.
                 *lock(&self.held) = None;
-                self.stop_accepting.cancel();
             }
             Err(_) => *phase = Phase::Serving,
         }

@@ -444,10 +444,14 @@ async fn takeover(
         None,
     );
     match result {
-        Ok(()) => tracing::info!(
-            drain_limit = ?app.server.drain_limit.0,
-            "listeners handed over to a new process: draining (live sessions run on)"
-        ),
+        Ok(()) => {
+            tracing::info!(
+                drain_limit = ?app.server.drain_limit.0,
+                "listeners handed over to a new process: draining (live sessions run on)"
+            );
+            // Recorded first: with no session left, the daemon exits right after.
+            app.handover.stop_accepting.cancel();
+        }
         Err(error) => tracing::warn!(%error, "no takeover: serving on"),
     }
 }
