@@ -3,10 +3,9 @@
 
 use std::path::Path;
 use std::sync::Arc;
-
-use anyhow::Context as _;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use ssh_key::PrivateKey;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
