@@ -338,30 +338,20 @@ fn compare_with_running(config: &Config) -> String {
         Ok(status) => status,
         Err(e) => return format!("# no running daemon to compare with: {e:#}\n"),
     };
-    let wanted: Vec<&String> = config.docker.endpoints.0.iter().map(|e| &e.url).collect();
-    let list = |urls: Vec<&String>| match urls.is_empty() {
+    // Entries compare whole (URL and TLS files), as a reload compares them.
+    let wanted = &config.docker.endpoints.0;
+    let running = &status.endpoints;
+    let list = |entries: Vec<&benchgate::config::Endpoint>| match entries.is_empty() {
         true => "none".to_owned(),
-        false => urls
+        false => entries
             .iter()
-            .map(|u| u.as_str())
+            .map(|e| e.url.as_str())
             .collect::<Vec<_>>()
             .join(", "),
     };
-    let added = wanted
-        .iter()
-        .copied()
-        .filter(|u| !status.endpoints.contains(u))
-        .collect();
-    let removed = status
-        .endpoints
-        .iter()
-        .filter(|u| !wanted.contains(u))
-        .collect();
-    let kept = status
-        .endpoints
-        .iter()
-        .filter(|u| wanted.contains(u))
-        .collect();
+    let added = wanted.iter().filter(|e| !running.contains(e)).collect();
+    let removed = running.iter().filter(|e| !wanted.contains(e)).collect();
+    let kept = running.iter().filter(|e| wanted.contains(e)).collect();
     format!(
         "# the daemon running (pid {}{}): SIGHUP would add Docker endpoints {}; remove {}; keep {}\n",
         status.pid,

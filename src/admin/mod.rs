@@ -203,8 +203,8 @@ pub struct Reply {
 pub struct Status {
     /// Its process id.
     pub pid: u32,
-    /// Its Docker endpoints' URLs, in configuration order.
-    pub endpoints: Vec<String>,
+    /// Its Docker endpoints, in configuration order.
+    pub endpoints: Vec<crate::config::Endpoint>,
     /// Whether it has handed its listeners over and is draining.
     pub draining: bool,
 }

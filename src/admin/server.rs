@@ -388,7 +388,7 @@ async fn connection(app: &Arc<App>, access: &Access, watches: &Arc<Semaphore>, s
                 ok: true,
                 status: Some(Status {
                     pid: std::process::id(),
-                    endpoints: app.benches.urls(),
+                    endpoints: app.benches.configured(),
                     draining: app.handover.draining(),
                 }),
                 ..Reply::default()

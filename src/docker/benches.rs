@@ -142,12 +142,12 @@ impl Index {
             .map(|slot| slot.endpoint.clone())
     }
 
-    /// The URLs of the endpoints configured now.
-    pub fn urls(&self) -> Vec<String> {
+    /// The endpoints configured now.
+    pub fn configured(&self) -> Vec<config::Endpoint> {
         lock_read(&self.slots)
             .iter()
             .flatten()
-            .map(|slot| slot.config.url.clone())
+            .map(|slot| slot.config.clone())
             .collect()
     }
 
