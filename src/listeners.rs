@@ -282,13 +282,6 @@ impl Handover {
         *lock(&self.phase) == Phase::Draining
     }
 
-    /// Where this daemon listens, as a takeover request names it.
-    pub fn addresses(&self) -> Option<(Vec<SocketAddr>, Option<SocketAddr>)> {
-        lock(&self.held)
-            .as_ref()
-            .map(|(handed, _)| (handed.ssh.clone(), handed.metrics))
-    }
-
     /// Hands the sockets over on `stream` to a new daemon that listens on `listen` and
     /// `metrics`, then waits for it to accept; `Ok` once this daemon must stop accepting
     /// (the caller cancels [`Handover::stop_accepting`] once it has recorded it). Blocking:
