@@ -457,3 +457,113 @@ async fn a_drained_daemon_closes_connections_without_sessions_and_exits() {
     assert_eq!(first.try_wait().unwrap().and_then(|s| s.code()), Some(0));
     drop(new.start_kill());
 }
+
+/// A stand-in for a running daemon on `socket`: answers one takeover by handing `listener`
+/// over as process `pid`, reads the new daemon's answer and goes away without confirming.
+fn vanishing_daemon(
+    socket: &Path,
+    listener: std::net::TcpListener,
+    pid: u32,
+) -> std::thread::JoinHandle<()> {
+    use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    use std::io::{BufRead, IoSlice};
+    use std::mem::MaybeUninit;
+    use std::os::fd::AsFd;
+    let server = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        let (stream, _) = server.accept().unwrap();
+        let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+        let mut request = String::new();
+        reader.read_line(&mut request).unwrap();
+        assert!(request.contains("\"takeover\""), "{request}");
+        let reply = benchgate::admin::Reply {
+            ok: true,
+            handed: Some(benchgate::listeners::Handed {
+                pid,
+                ssh: vec![listener.local_addr().unwrap()],
+                metrics: None,
+            }),
+            ..Default::default()
+        };
+        let mut line = serde_json::to_vec(&reply).unwrap();
+        line.push(b'\n');
+        let fds = [listener.as_fd()];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
+        sendmsg(
+            &stream,
+            &[IoSlice::new(&line)],
+            &mut control,
+            SendFlags::empty(),
+        )
+        .unwrap();
+        let mut answer = String::new();
+        let _ = reader.read_line(&mut answer);
+        assert!(answer.contains("accepting"), "{answer}");
+    })
+}
+
+/// A takeover the running daemon does not confirm: while it lives, the new daemon gives up
+/// (and leaves its admin socket in place); when it died, the new daemon serves.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unconfirmed_takeover_gives_up_unless_the_old_daemon_died() {
+    let container = Container::start(&[]);
+    let mut bastion = Bastion::start(|_, _| {}).await;
+    let key = bastion.user_with_cert("user", "ca", &["-n", &container.bench]);
+    let socket = bastion.path("old.sock");
+    let mut config = Config::load(&bastion.path("benchgate.toml")).unwrap();
+    config.admin.socket = Optional(Some(socket.clone()));
+
+    // The old daemon lives (this test's own pid): the new one gives up.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    config.server.listen = NonEmpty(vec![listener.local_addr().unwrap()]);
+    std::fs::write(bastion.path("new.toml"), config.to_toml()).unwrap();
+    let old = vanishing_daemon(&socket, listener, std::process::id());
+    let mut new = daemon(
+        &["serve", "--takeover"],
+        &bastion.path("new.toml"),
+        &bastion.path("gave-up.log"),
+    );
+    assert_eq!(exit_of(&mut new).await, Some(1));
+    old.join().unwrap();
+    let said = std::fs::read_to_string(bastion.path("gave-up.log")).unwrap();
+    assert!(
+        said.contains("did not confirm the takeover and serves on"),
+        "{said}"
+    );
+    assert!(socket.exists(), "the old daemon's admin socket stays");
+    let leftovers: Vec<_> = std::fs::read_dir(bastion.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with("old.sock."))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // The old daemon died after handing over (a pid that is gone): the new one serves.
+    std::fs::remove_file(&socket).unwrap();
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    config.server.listen = NonEmpty(vec![addr]);
+    std::fs::write(bastion.path("new.toml"), config.to_toml()).unwrap();
+    let old = vanishing_daemon(&socket, listener, dead);
+    let mut new = daemon(
+        &["serve", "--takeover"],
+        &bastion.path("new.toml"),
+        &bastion.path("serves.log"),
+    );
+    wait_for_log(&bastion.path("serves.log"), "benchgate ready").await;
+    old.join().unwrap();
+    assert!(std::fs::read_to_string(bastion.path("serves.log"))
+        .unwrap()
+        .contains("died during the takeover"));
+    bastion.reach_via(addr);
+    let run = bastion
+        .exec(&container.bench, &key, &[], "echo served", b"")
+        .await;
+    assert_eq!(run.stdout_text(), "served\n", "{run:?}");
+    drop(new.start_kill());
+}
