@@ -9,8 +9,9 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use crate::clock::Activity;
 
 /// How much recent terminal output a session keeps for a watcher's first screen.
 pub const RECENT_BYTES: usize = 64 * 1024;
@@ -61,8 +62,7 @@ pub struct About {
 pub struct Live {
     /// What it is.
     pub about: About,
-    since: Instant,
-    last_active_ms: AtomicU64,
+    activity: Activity,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     tail: Mutex<Vec<u8>>,
@@ -116,14 +116,12 @@ impl Live {
     }
 
     fn touch(&self) {
-        let ms = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_active_ms.store(ms, Ordering::Relaxed);
+        self.activity.touch();
     }
 
     /// How long since bytes last went either way.
     pub fn idle_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed));
-        self.since.elapsed().saturating_sub(last)
+        self.activity.idle_for()
     }
 
     /// Bytes from the client, bytes to the client.
@@ -343,8 +341,7 @@ impl Registry {
                 })
             }),
             about,
-            since: Instant::now(),
-            last_active_ms: AtomicU64::new(0),
+            activity: Activity::default(),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             tail: Mutex::new(Vec::new()),

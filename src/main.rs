@@ -280,11 +280,7 @@ fn sessions(path: Option<&Path>, command: benchgate::admin::client::Command) -> 
     let Some(socket) = config.admin.socket.0 else {
         anyhow::bail!("the admin socket is off in {source} ([admin] socket = \"\")");
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(benchgate::admin::client::run(&socket, command))
+    block_on(benchgate::admin::client::run(&socket, command))
 }
 
 fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
@@ -329,11 +325,7 @@ fn compare_with_running(config: &Config) -> String {
     let Some(socket) = config.admin.socket.0.as_deref().filter(|s| s.exists()) else {
         return String::new();
     };
-    let status = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(anyhow::Error::from)
-        .and_then(|runtime| runtime.block_on(benchgate::admin::client::status(socket)));
+    let status = block_on(benchgate::admin::client::status(socket));
     let status = match status {
         Ok(status) => status,
         Err(e) => return format!("# no running daemon to compare with: {e:#}\n"),
@@ -360,6 +352,15 @@ fn compare_with_running(config: &Config) -> String {
         list(removed),
         list(kept)
     )
+}
+
+/// Runs one client's `work` on a runtime of its own (one thread: it waits on one socket).
+fn block_on<T>(work: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(work)
 }
 
 /// Writes `text` to stdout; a reader that went away (`| head`) is not an error.

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::auth::{cert::still_valid, Grant, Rejection};
+use crate::clock::Activity;
 use crate::flow::Flow;
 use crate::live::Live;
 use crate::settings::Settings;
@@ -107,8 +108,7 @@ impl Ended {
 #[derive(Debug)]
 pub struct Link {
     notices: broadcast::Sender<Notice>,
-    started: Instant,
-    last_activity_ms: AtomicU64,
+    activity: Activity,
     sessions: AtomicU64,
     /// Sessions end now, for this reason.
     ending: (CancellationToken, Mutex<Ended>),
@@ -121,8 +121,7 @@ impl Default for Link {
     fn default() -> Self {
         Self {
             notices: broadcast::channel(16).0,
-            started: Instant::now(),
-            last_activity_ms: AtomicU64::new(0),
+            activity: Activity::default(),
             sessions: AtomicU64::new(0),
             ending: (CancellationToken::new(), Mutex::new(Ended::Closed)),
             requested: (CancellationToken::new(), Mutex::new(None)),
@@ -158,8 +157,7 @@ impl Link {
 
     /// Records traffic now.
     pub fn touch(&self) {
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_activity_ms.store(ms, Ordering::Relaxed);
+        self.activity.touch();
     }
 
     /// Asks the connection to end for `why` (the first reason asked wins).
@@ -222,8 +220,7 @@ impl Link {
     }
 
     fn idle_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
-        self.started.elapsed().saturating_sub(last)
+        self.activity.idle_for()
     }
 }
 
