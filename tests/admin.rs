@@ -685,3 +685,38 @@ async fn an_unsafe_socket_path_refuses_start_and_a_stale_socket_is_replaced() {
         "the daemon removes its socket when it stops"
     );
 }
+
+/// A watcher that stops reading (its terminal paused: the CLI stopped with SIGSTOP) never
+/// slows the watched session: about 11 MB of terminal output still reaches the person in full.
+#[tokio::test]
+async fn a_paused_watcher_does_not_slow_the_session() {
+    let (bastion, container, key) = bench_and_bastion(&[], &[], |_, _| {}).await;
+    let bench = container.bench.as_str();
+    let command = "sleep 2; seq 1 1500000; echo end-of-output";
+    let mut watched = Client::ssh(&bastion, bench, &key, &["-tt"], command);
+    let id = bastion.wait_for_sessions(1).await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut watcher = Client::watch(&bastion, &id);
+    watcher.wait_for(false, "watching session").await;
+    let pid = watcher.child.id().unwrap().to_string();
+    run("kill", &["-STOP", &pid]);
+    for _ in 0..600 {
+        if watched.stdout().contains("end-of-output") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(watched.exit().await, Some(0), "{}", watched.stderr());
+    let out = watched.stdout();
+    assert!(out.contains("\n1500000\r\n") && out.contains("end-of-output"));
+    run("kill", &["-CONT", &pid]);
+    // The daemon let go of it (it stopped reading) or told it the session ended.
+    let code = watcher.exit().await;
+    assert!(
+        matches!(code, Some(0 | 2)),
+        "{code:?}: {}",
+        watcher.stderr()
+    );
+}
