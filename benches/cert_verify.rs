@@ -7,9 +7,9 @@ use std::net::Ipv4Addr;
 
 use benchgate::auth::{verify, Attempt, Rejection, Trust};
 use criterion::{criterion_group, criterion_main, Criterion};
-use ssh_key::certificate::{Builder, CertType};
-use ssh_key::private::RsaKeypair;
-use ssh_key::{Algorithm, Certificate, HashAlg, PrivateKey};
+use russh::keys::ssh_key::certificate::{Builder, CertType};
+use russh::keys::ssh_key::private::RsaKeypair;
+use russh::keys::ssh_key::{Algorithm, Certificate, HashAlg, PrivateKey};
 
 const NOW: u64 = 1_800_000_000;
 

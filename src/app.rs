@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use ssh_key::PrivateKey;
+use russh::keys::ssh_key::public::KeyData;
+use russh::keys::ssh_key::PrivateKey;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
@@ -30,6 +31,8 @@ pub struct App {
     pub benches: Arc<Index>,
     /// Sessions per bench.
     pub bench_slots: Quota<String>,
+    /// Authenticated connections per certificate key.
+    pub key_connections: Quota<KeyData>,
     /// Load balancers allowed to send PROXY headers, when the protocol is on.
     pub trusted_proxies: Option<Vec<Net>>,
     /// Background work (session teardown) that shutdown waits for.
@@ -63,6 +66,7 @@ impl App {
             audit,
             benches,
             bench_slots: Quota::new(config.session.max_sessions_per_bench.get()),
+            key_connections: Quota::new(config.server.max_connections_per_key.get()),
             trusted_proxies: server
                 .proxy_protocol
                 .then(|| server.trusted_proxies.clone()),

@@ -73,6 +73,8 @@ pub struct Event {
     #[serde(skip_serializing_if = "Option::is_none")]
     leftovers: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    count: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     duration_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     bytes_in: Option<u64>,
@@ -107,6 +109,7 @@ impl Event {
             command: None,
             exit_status: None,
             leftovers: None,
+            count: None,
             duration_ms: None,
             bytes_in: None,
             bytes_out: None,
@@ -187,6 +190,12 @@ impl Event {
     /// Background processes the session left, ended or hung up by its wrapper.
     pub fn leftovers(mut self, count: u32) -> Self {
         self.leftovers = Some(count);
+        self
+    }
+
+    /// How many of something the event stands for (refused requests in one connection).
+    pub fn count(mut self, count: u32) -> Self {
+        self.count = Some(count);
         self
     }
 

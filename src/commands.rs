@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use ssh_key::{Certificate, PrivateKey, PublicKey};
+use russh::keys::ssh_key::{Certificate, PrivateKey, PublicKey};
 
 use crate::auth::{self, cert, issue, Attempt};
 use crate::clock::unix_now;
@@ -131,12 +131,12 @@ pub async fn explain(
     let cert = Certificate::from_openssh(text.trim())
         .with_context(|| format!("{} is not an OpenSSH certificate", certificate.display()))?;
     let settings = Settings::load(config)?;
-    let group = bench_group(config, bench).await;
+    let facts = bench_facts(config, bench).await;
     let now = unix_now();
     let peer = from.unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let attempt = Attempt {
         bench,
-        group: group.as_ref().ok().and_then(|g| g.as_deref()),
+        group: facts.as_ref().ok().and_then(|f| f.group.as_deref()),
         peer,
         now,
     };
@@ -166,25 +166,32 @@ pub async fn explain(
         time(cert.valid_before()),
         time(now)
     );
-    match &group {
-        Ok(Some(g)) => {
-            let _ = writeln!(out, "bench {bench:?}: running, group {g:?}");
-        }
-        Ok(None) => {
-            let _ = writeln!(out, "bench {bench:?}: no group label (or not running)");
+    let mut ambiguous = false;
+    match &facts {
+        Ok(facts) => {
+            let _ = writeln!(out, "bench {bench:?}: {}", facts.state);
+            ambiguous = matches!(facts.lookup, docker::Lookup::Ambiguous(_));
+            for conflict in &facts.conflicts {
+                let _ = writeln!(out, "warning: {conflict}");
+            }
         }
         Err(e) => {
             let _ = writeln!(
                 out,
-                "bench {bench:?}: group unknown ({e}); only the bench name was considered"
+                "bench {bench:?}: unknown ({e}); only the bench name was considered"
             );
         }
     }
     if let (Some(list), None) = (&source, from) {
         let _ = writeln!(out, "note: source-address {list:?}: the client must connect from there (use --from IP to check)");
     }
-    let accepted = reasons.is_empty();
-    if accepted {
+    let accepted = reasons.is_empty() && !ambiguous;
+    if ambiguous {
+        let _ = writeln!(
+            out,
+            "REFUSED for bench {bench:?}: the bench is ambiguous, so every session into it is refused"
+        );
+    } else if accepted {
         let grant = cert::verify(&cert, &attempt, &settings.trust);
         let pty = grant.as_ref().map(|g| g.permit_pty).unwrap_or(false);
         let _ = writeln!(
@@ -204,14 +211,59 @@ pub async fn explain(
     Ok((out, accepted))
 }
 
-/// The group label of `bench`'s running container, asking the configured engines (bounded).
-async fn bench_group(config: &Config, bench: &str) -> anyhow::Result<Option<String>> {
+/// What the engines say about a bench, for `explain`.
+struct BenchFacts {
+    lookup: docker::Lookup,
+    /// The principal that grants it through its group label.
+    group: Option<String>,
+    /// One line on its state and group.
+    state: String,
+    /// The index's label conflicts that concern it.
+    conflicts: Vec<String>,
+}
+
+/// Asks the configured engines (bounded) about `bench`.
+async fn bench_facts(config: &Config, bench: &str) -> anyhow::Result<BenchFacts> {
     let index = docker::Index::from_config(&config.docker)?;
     let errors = index.sync_all().await;
-    if let (Some(first), docker::Lookup::Unknown) = (errors.first(), index.lookup(bench)) {
+    let lookup = index.lookup(bench);
+    if let (Some(first), docker::Lookup::Unknown) = (errors.first(), &lookup) {
         anyhow::bail!("{first}");
     }
-    Ok(index.group(bench))
+    let group = index.group(bench);
+    let state = match &lookup {
+        docker::Lookup::Running(b) => match (&b.group, &group) {
+            (None, _) => "running, no group label".to_owned(),
+            (Some(label), Some(principal)) => {
+                format!("running, group {label:?} (granted by principal {principal:?})")
+            }
+            (Some(label), None) => {
+                format!("running, group {label:?} NOT honoured: it is also a bench's name")
+            }
+        },
+        docker::Lookup::Ambiguous(list) => format!(
+            "AMBIGUOUS: {} running containers carry its label; every session is refused",
+            list.len()
+        ),
+        docker::Lookup::NotRunning(b) => format!("not running (status: {})", b.state),
+        docker::Lookup::Unknown => "no such bench".to_owned(),
+    };
+    let quoted = format!("{bench:?}");
+    let docker::Conflicts {
+        ambiguous,
+        ignored_groups,
+    } = index.conflicts();
+    let conflicts = ambiguous
+        .into_iter()
+        .chain(ignored_groups)
+        .filter(|c| c.contains(&quoted))
+        .collect();
+    Ok(BenchFacts {
+        lookup,
+        group,
+        state,
+        conflicts,
+    })
 }
 
 #[cfg(test)]

@@ -50,6 +50,9 @@ pub struct Server {
     pub max_startups_per_source: NonZeroU32,
     /// Connections at once, authenticated or not.
     pub max_connections: NonZeroU32,
+    /// Authenticated connections at once with one certificate key: one person cannot hold
+    /// every place of `max_connections`.
+    pub max_connections_per_key: NonZeroU32,
     /// Channels one connection may have open at once.
     pub max_sessions_per_connection: NonZeroU32,
     /// Interval of SSH keepalives to a silent client; 0 = off.
@@ -87,6 +90,7 @@ impl Default for Server {
             max_startups: nonzero(64),
             max_startups_per_source: nonzero(8),
             max_connections: nonzero(10_000),
+            max_connections_per_key: nonzero(64),
             max_sessions_per_connection: nonzero(10),
             keepalive_interval: Span::secs(30),
             idle_timeout: Span::secs(0),
@@ -136,8 +140,12 @@ impl Default for Auth {
 pub struct Docker {
     /// A container with this label is the bench named by the label's value.
     pub bench_label: String,
-    /// A principal equal to this label's value also grants the bench; "" = off.
+    /// A principal equal to `group_principal_prefix` + this label's value also grants the
+    /// bench; "" = off.
     pub group_label: String,
+    /// Required in front of group principals, so that bench and group names never meet
+    /// (e.g. "group:"); "" = a group principal is the label's value alone.
+    pub group_principal_prefix: String,
     /// Bound on every Docker API request (not on a session's output stream).
     pub request_timeout: Span,
     /// The Docker engines to serve benches from.
@@ -151,6 +159,7 @@ impl Default for Docker {
         Self {
             bench_label: "benchgate.bench".to_owned(),
             group_label: "benchgate.group".to_owned(),
+            group_principal_prefix: String::new(),
             request_timeout: Span::secs(10),
             endpoints: NonEmpty(vec![Endpoint {
                 url,

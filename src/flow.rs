@@ -29,6 +29,10 @@ const THROTTLED_WINDOW: u32 = 2;
 /// not found); a client that ignores its window reaches it at once.
 const GRANTED_BEYOND_BUDGET: usize = 4 * WINDOW_BYTES as usize + 1024 * 1024;
 
+/// Terminal resizes are passed on at most once per this interval per session (each is a
+/// Docker API call); the latest size within it wins, the others are dropped and counted.
+pub const RESIZE_INTERVAL: Duration = Duration::from_millis(250);
+
 /// Byte budgets for client input held, from the config.
 #[derive(Debug, Clone, Copy)]
 pub struct Budgets {
@@ -160,8 +164,8 @@ impl Flow {
 /// What a session takes from its inbox, in the order the client sent it.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Input {
-    /// The client's terminal is now this size (columns, rows); comes before data, and only
-    /// the latest of several sent meanwhile.
+    /// The client's terminal is now this size (columns, rows): at most one per
+    /// [`RESIZE_INTERVAL`], the latest sent meanwhile; it comes before data when it is due.
     Resize(u32, u32),
     /// Bytes for the process's stdin.
     Data(Bytes),
@@ -187,6 +191,8 @@ struct Held {
     eof_taken: bool,
     closed: bool,
     size: Option<(u32, u32)>,
+    /// When the next resize may be passed on.
+    resize_at: Option<Instant>,
 }
 
 /// One session channel's input, from the handler to the session.
@@ -209,6 +215,7 @@ impl Inbox {
                 eof_taken: false,
                 closed: false,
                 size: None,
+                resize_at: None,
             }),
             ready: Notify::new(),
             flow,
@@ -261,7 +268,9 @@ impl Inbox {
 
     /// The client's terminal is now `cols` x `rows` (the latest size wins).
     pub fn resize(&self, cols: u32, rows: u32) {
-        self.lock().size = Some((cols, rows));
+        if self.lock().size.replace((cols, rows)).is_some() {
+            crate::metrics::resize_dropped();
+        }
         self.ready.notify_one();
     }
 
@@ -278,10 +287,14 @@ impl Inbox {
     /// The next input, waiting for it.
     pub async fn next(&self) -> Input {
         loop {
-            {
+            let resize_at = {
                 let mut held = self.lock();
-                if let Some((cols, rows)) = held.size.take() {
-                    return Input::Resize(cols, rows);
+                let now = Instant::now();
+                if held.resize_at.is_none_or(|at| at <= now) {
+                    if let Some((cols, rows)) = held.size.take() {
+                        held.resize_at = Some(now + RESIZE_INTERVAL);
+                        return Input::Resize(cols, rows);
+                    }
                 }
                 if let Some(chunk) = held.chunks.pop_front() {
                     held.bytes -= chunk.len();
@@ -298,8 +311,17 @@ impl Inbox {
                 if held.closed {
                     return Input::Closed;
                 }
+                held.resize_at.filter(|_| held.size.is_some())
+            };
+            match resize_at {
+                Some(at) => {
+                    tokio::select! {
+                        () = self.ready.notified() => {}
+                        () = tokio::time::sleep_until(at) => {}
+                    }
+                }
+                None => self.ready.notified().await,
             }
-            self.ready.notified().await;
         }
     }
 
@@ -327,6 +349,28 @@ mod tests {
             total: 1000,
             stuck_after: Duration::from_secs(60),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resizes_are_passed_on_a_few_times_a_second_and_the_last_size_wins() {
+        let inbox = Inbox::new(Flow::new(Arc::new(Pool::new(budgets()))));
+        inbox.resize(80, 24);
+        assert_eq!(inbox.next().await, Input::Resize(80, 24));
+        let start = Instant::now();
+        for cols in 1..=20_000 {
+            inbox.resize(cols, 50);
+        }
+        inbox.push(b"typed").unwrap();
+        // Input is not held back by a resize that is not due yet.
+        assert_eq!(
+            inbox.next().await,
+            Input::Data(Bytes::from_static(b"typed"))
+        );
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert_eq!(inbox.next().await, Input::Resize(20_000, 50));
+        assert_eq!(start.elapsed(), RESIZE_INTERVAL);
+        inbox.close();
+        assert_eq!(inbox.next().await, Input::Closed);
     }
 
     #[tokio::test]

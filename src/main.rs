@@ -306,6 +306,7 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
         }
     }
     report += &format!("# {}\n", benchgate::admin::server::describe(&config.admin)?);
+    report += &describe_groups(&config.docker);
     report += &compare_with_running(&config);
     for ca in &trust.cas {
         report += &format!("# trusted user CA {}\n", ca.fingerprint);
@@ -318,6 +319,23 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
     }
     report += &config.to_toml();
     print_all(&report)
+}
+
+/// How a certificate reaches a bench through its group label.
+fn describe_groups(docker: &benchgate::config::Docker) -> String {
+    if docker.group_label.is_empty() {
+        return "# groups: off (docker.group_label is empty)\n".to_owned();
+    }
+    match docker.group_principal_prefix.as_str() {
+        "" => format!(
+            "# groups: principal = the value of label {:?}; a value that is also a bench's name is not honoured. Set docker.group_principal_prefix (e.g. \"group:\") so bench and group names never meet\n",
+            docker.group_label
+        ),
+        prefix => format!(
+            "# groups: principal = {prefix:?} + the value of label {:?}; a value that is also a bench's name is not honoured\n",
+            docker.group_label
+        ),
+    }
 }
 
 /// What SIGHUP would change in the daemon answering on `config`'s admin socket, if one does.
@@ -344,14 +362,18 @@ fn compare_with_running(config: &Config) -> String {
     let added = wanted.iter().filter(|e| !running.contains(e)).collect();
     let removed = running.iter().filter(|e| !wanted.contains(e)).collect();
     let kept = running.iter().filter(|e| wanted.contains(e)).collect();
-    format!(
+    let mut report = format!(
         "# the daemon running (pid {}{}): SIGHUP would add Docker endpoints {}; remove {}; keep {}\n",
         status.pid,
         if status.draining { ", draining" } else { "" },
         list(added),
         list(removed),
         list(kept)
-    )
+    );
+    for conflict in &status.conflicts {
+        report += &format!("# WARNING: {conflict}\n");
+    }
+    report
 }
 
 /// Runs one client's `work` on a runtime of its own (one thread: it waits on one socket).

@@ -22,7 +22,7 @@ pub const REFUSED_REQUESTS_TOTAL: &str = "benchgate_refused_requests_total";
 /// Connections the server ended.
 pub const DISCONNECTS_TOTAL: &str = "benchgate_disconnects_total";
 /// Why the server ends connections: the `reason` labels of [`DISCONNECTS_TOTAL`].
-pub const DISCONNECT_REASONS: [&str; 10] = [
+pub const DISCONNECT_REASONS: [&str; 11] = [
     "login_grace_time",
     "expired",
     "revoked",
@@ -33,11 +33,13 @@ pub const DISCONNECT_REASONS: [&str; 10] = [
     "protocol_violation",
     "unresponsive",
     "upgraded",
+    "too_many_refusals",
 ];
 /// How sessions end: the `outcome` labels of [`SESSIONS_TOTAL`].
-pub const SESSION_OUTCOMES: [&str; 5] = [
+pub const SESSION_OUTCOMES: [&str; 6] = [
     "ok",
     "error",
+    "ambiguous",
     "client_closed",
     "ended_by_server",
     "ended_by_operator",
@@ -50,6 +52,11 @@ pub const ADMIN_REQUESTS: [&str; 6] = ["sessions", "end", "watch", "status", "ta
 pub const ADMIN_RESULTS: [&str; 3] = ["ok", "error", "refused"];
 /// Bench names in the index.
 pub const BENCHES_KNOWN: &str = "benchgate_benches_known";
+/// Terminal resizes (`window-change`) dropped because a later one replaced them in time.
+pub const RESIZES_DROPPED_TOTAL: &str = "benchgate_resizes_dropped_total";
+/// Label conflicts in the index now, by kind (`ambiguous`: a bench name on two or more
+/// running containers; `group_names_bench`: a group label equal to a bench name).
+pub const LABEL_CONFLICTS: &str = "benchgate_label_conflicts";
 /// Docker API failures by operation.
 pub const DOCKER_ERRORS_TOTAL: &str = "benchgate_docker_errors_total";
 /// Sessions open now.
@@ -161,8 +168,15 @@ const MAX_REQUEST_BYTES: usize = 8 * 1024;
 /// What `/health` reports: `None` when healthy, else why not (answered with 503).
 pub type Health = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
-/// Requests the endpoint serves at once; more wait for a place.
-const MAX_REQUESTS: usize = 16;
+/// Connections the endpoint holds at once; more wait for a place. Each costs a task and a
+/// file descriptor, so hundreds of idle connections (a scanner, a misconfigured prober) must
+/// not keep a load balancer's `/health` from an answer.
+const MAX_REQUESTS: usize = 1024;
+/// How long a connection has to send its request head: an idle one gives its place back
+/// soon.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the answer may take to write.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves `GET /metrics` (Prometheus text) and `GET /health` on `listener` until `stop` (the
 /// listener went to a new daemon) or the process ends; anything else gets 404.
@@ -194,8 +208,7 @@ pub async fn serve(
         };
         let (handle, health) = (handle.clone(), health.clone());
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &handle, &health))
-                .await;
+            let _ = answer(stream, &handle, &health).await;
             drop(place);
         });
     }
@@ -208,13 +221,17 @@ async fn answer(
 ) -> std::io::Result<()> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST_BYTES {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
+    let read_head = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST_BYTES {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
         }
-        head.extend_from_slice(&buf[..n]);
-    }
+        std::io::Result::Ok(())
+    };
+    tokio::time::timeout(HEAD_TIMEOUT, read_head).await??;
     let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
     let (status, kind, body) = match line {
         b"GET /metrics HTTP/1.1" | b"GET /metrics HTTP/1.0" => {
@@ -234,8 +251,11 @@ async fn answer(
         "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    let write = async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    Ok(tokio::time::timeout(WRITE_TIMEOUT, write).await??)
 }
 
 fn describe() {
@@ -253,6 +273,14 @@ fn describe() {
     describe_histogram!(HANDSHAKE_SECONDS, "Seconds from accept to authentication");
     describe_histogram!(CERT_REMAINING_SECONDS, "Certificate validity left at login");
     describe_gauge!(BENCHES_KNOWN, "Bench names in the index");
+    describe_counter!(
+        RESIZES_DROPPED_TOTAL,
+        "Terminal resizes dropped for a later one (at most 4 are passed on per second)"
+    );
+    describe_gauge!(
+        LABEL_CONFLICTS,
+        "Label conflicts in the bench index (ambiguous benches are refused)"
+    );
     describe_counter!(DOCKER_ERRORS_TOTAL, "Docker API failures by operation");
     describe_gauge!(SESSIONS_ACTIVE, "Sessions open now, by kind");
     describe_counter!(SESSIONS_TOTAL, "Sessions by kind and outcome");
@@ -294,6 +322,8 @@ fn describe() {
         counter!(DISCONNECTS_TOTAL, "reason" => reason).absolute(0);
     }
     gauge!(BENCHES_KNOWN).set(0.0);
+    counter!(RESIZES_DROPPED_TOTAL).absolute(0);
+    label_conflicts(0, 0);
     // Registering a histogram exports its (empty) buckets before the first observation.
     for name in [
         HANDSHAKE_SECONDS,
@@ -369,6 +399,17 @@ pub fn disconnect(reason: &'static str) {
 /// The index knows `count` bench names.
 pub fn benches_known(count: usize) {
     gauge!(BENCHES_KNOWN).set(count as f64);
+}
+
+/// A terminal resize was dropped: a later one replaced it before it was due.
+pub fn resize_dropped() {
+    counter!(RESIZES_DROPPED_TOTAL).increment(1);
+}
+
+/// The label conflicts in the index now.
+pub fn label_conflicts(ambiguous: usize, group_names_bench: usize) {
+    gauge!(LABEL_CONFLICTS, "kind" => "ambiguous").set(ambiguous as f64);
+    gauge!(LABEL_CONFLICTS, "kind" => "group_names_bench").set(group_names_bench as f64);
 }
 
 /// A Docker API operation failed.

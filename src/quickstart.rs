@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
-use ssh_key::{LineEnding, PrivateKey};
+use russh::keys::ssh_key::{LineEnding, PrivateKey};
 
 use crate::auth::issue;
 use crate::config::{Config, NonEmpty, Optional};
@@ -62,13 +62,13 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> anyhow::Result<(PathBuf, Strin
     ])
     .context("cannot start the demo container")?;
 
-    let ca = PrivateKey::random(&mut rand::rng(), ssh_key::Algorithm::Ed25519)?;
+    let ca = PrivateKey::random(&mut rand::rng(), russh::keys::ssh_key::Algorithm::Ed25519)?;
     write_private(&dir.join("user_ca"), &ca)?;
     std::fs::write(
         dir.join("user_ca.pub"),
         format!("{}\n", ca.public_key().to_openssh()?),
     )?;
-    let user = PrivateKey::random(&mut rand::rng(), ssh_key::Algorithm::Ed25519)?;
+    let user = PrivateKey::random(&mut rand::rng(), russh::keys::ssh_key::Algorithm::Ed25519)?;
     write_private(&dir.join("user"), &user)?;
     std::fs::write(
         dir.join("user.pub"),

@@ -1,7 +1,7 @@
 //! Session recordings: PTY output and resizes as asciicast v2 files (`asciinema play`).
 //! A recording that fails is logged and counted and stops; the session goes on.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -15,7 +15,7 @@ pub const MAX_RECORDING_BYTES: u64 = 64 * 1024 * 1024;
 /// One session's recording.
 pub struct Recorder {
     path: PathBuf,
-    file: Option<BufWriter<File>>,
+    file: Option<Box<dyn Write + Send>>,
     written: u64,
     started: Instant,
     /// Bytes of a UTF-8 sequence cut at the end of the last chunk.
@@ -43,7 +43,28 @@ impl Recorder {
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
-        let mut file = BufWriter::new(file);
+        Self::writing_to(
+            path,
+            Box::new(BufWriter::new(file)),
+            now,
+            cols,
+            rows,
+            term,
+            title,
+        )
+    }
+
+    /// Starts a recording written to `file` (`path` names it in logs); `now` is the Unix time
+    /// in its header.
+    pub fn writing_to(
+        path: PathBuf,
+        mut file: Box<dyn Write + Send>,
+        now: u64,
+        cols: u32,
+        rows: u32,
+        term: &str,
+        title: &str,
+    ) -> std::io::Result<Self> {
         let header = json!({
             "version": 2,
             "width": cols,
@@ -67,22 +88,34 @@ impl Recorder {
         &self.path
     }
 
-    /// Records terminal output.
+    /// Records terminal output. A UTF-8 sequence cut at the end of `bytes` is kept for the
+    /// next call; invalid bytes become U+FFFD, so the text recorded is the lossy decoding of
+    /// all output, however it was cut into chunks.
     pub fn output(&mut self, bytes: &[u8]) {
         self.carry.extend_from_slice(bytes);
-        let text = match std::str::from_utf8(&self.carry) {
-            Ok(text) => text.to_owned(),
-            Err(e) if e.error_len().is_none() => {
-                // An incomplete sequence at the end: keep it for the next chunk.
-                let valid = e.valid_up_to();
-                let text = String::from_utf8_lossy(&self.carry[..valid]).into_owned();
-                self.carry.drain(..valid);
-                self.event("o", &text);
-                return;
+        let mut text = String::new();
+        let mut rest = &self.carry[..];
+        loop {
+            match std::str::from_utf8(rest) {
+                Ok(valid) => {
+                    text.push_str(valid);
+                    rest = &[];
+                    break;
+                }
+                Err(e) => {
+                    let (valid, after) = rest.split_at(e.valid_up_to());
+                    text.push_str(&String::from_utf8_lossy(valid));
+                    let Some(bad) = e.error_len() else {
+                        // An incomplete sequence at the end: keep it for the next chunk.
+                        rest = after;
+                        break;
+                    };
+                    text.push(char::REPLACEMENT_CHARACTER);
+                    rest = &after[bad..];
+                }
             }
-            Err(_) => String::from_utf8_lossy(&self.carry).into_owned(),
-        };
-        self.carry.clear();
+        }
+        self.carry = rest.to_vec();
         self.event("o", &text);
     }
 
@@ -93,6 +126,10 @@ impl Recorder {
 
     /// Writes what is buffered; called at the end of the session.
     pub fn finish(&mut self) {
+        if !self.carry.is_empty() {
+            self.carry.clear();
+            self.event("o", "\u{fffd}");
+        }
         if let Some(mut file) = self.file.take() {
             if let Err(e) = file.flush() {
                 self.failed(&e);

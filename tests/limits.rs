@@ -118,3 +118,99 @@ async fn connection_past_max_startups_is_closed_before_key_exchange() {
     }
     panic!("a freed startup slot was never reused");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_that_keeps_asking_for_refused_things_is_closed_with_one_summary() {
+    let (bastion, bench, key) =
+        support::bench_and_bastion(&[], &["-V", "-5m:+6h"], |_, _| {}).await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/clients/asyncssh_refusals.py"
+    );
+    let mut cmd = tokio::process::Command::new("python3");
+    cmd.args([
+        script,
+        &bastion.addr.port().to_string(),
+        &bench.bench,
+        key.to_str().unwrap(),
+        bastion.path("known_hosts").to_str().unwrap(),
+        "20000",
+    ]);
+    let out = support::run_client(cmd, b"").await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let said = out.stdout_text();
+    let (refused, closed) = said.trim().split_once(' ').unwrap();
+    assert_eq!(closed, "True", "the connection was not closed: {out:?}");
+    let refused: u32 = refused.parse().unwrap();
+    assert!(refused >= 100, "{said}");
+    let events = bastion.audit_after_closed(1).await;
+    let refusals: Vec<_> = events
+        .iter()
+        .filter(|e| e["event"] == "request.refused")
+        .collect();
+    // Ten one by one, then one that counts them all.
+    assert_eq!(refusals.len(), 11, "{refusals:#?}");
+    let summary = refusals.last().unwrap();
+    assert_eq!(summary["count"], 100, "{summary}");
+    let closing = events
+        .iter()
+        .find(|e| e["event"] == "connection.closed")
+        .unwrap();
+    assert_eq!(closing["reason"], "too_many_refusals", "{closing}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_certificate_key_holds_at_most_max_connections_per_key() {
+    let (bastion, bench, key) = support::bench_and_bastion(&[], &["-V", "-5m:+6h"], |_, config| {
+        config.server.max_connections_per_key = NonZeroU32::new(2).unwrap();
+    })
+    .await;
+    let hold = || {
+        let mut cmd = tokio::process::Command::new("ssh");
+        cmd.args(bastion.client_options(&key))
+            .args(["-N", "-p", &bastion.addr.port().to_string()])
+            .arg(format!("{}@127.0.0.1", bench.bench))
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        cmd.spawn().unwrap()
+    };
+    let first = hold();
+    let _second = hold();
+    let accepted = || {
+        bastion
+            .audit()
+            .iter()
+            .filter(|e| e["event"] == "auth.accepted")
+            .count()
+    };
+    for _ in 0..100 {
+        if accepted() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(accepted(), 2);
+    let reasons = bastion.rejection_reasons(&bench.bench, &key, &[]).await;
+    assert!(
+        reasons.iter().any(|r| r == "too_many_connections"),
+        "{reasons:?}"
+    );
+    // Another person's key is not affected.
+    let other = bastion.user_with_cert("other", "ca", &["-n", &bench.bench, "-V", "-5m:+6h"]);
+    let run = bastion
+        .exec(&bench.bench, &other, &[], "echo in", b"")
+        .await;
+    assert_eq!(run.stdout_text(), "in\n", "{run:?}");
+    // A place is given back when its connection ends.
+    drop(first);
+    for _ in 0..100 {
+        let run = bastion
+            .exec(&bench.bench, &key, &[], "echo back", b"")
+            .await;
+        if run.stdout_text() == "back\n" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the key never got its place back");
+}

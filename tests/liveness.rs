@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use benchgate::config::{Optional, Span};
-use support::{bench_and_bastion, run, Bastion, Container};
+use support::{bench_and_bastion, cpu_seconds, run, Bastion, Container};
 
 const VALID: &str = "-5m:+6h";
 
@@ -231,14 +231,6 @@ async fn three_hundred_sendenv_variables_log_in_and_only_allowed_ones_pass() {
     let counts: Vec<String> = out.stdout_text().lines().map(str::to_owned).collect();
     // At most policy::MAX_ENV_VARS of the allowed ones; none of the others.
     assert_eq!(counts, ["64", "0"], "{out:?}");
-}
-
-/// CPU seconds (user and system) the process `pid` used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit(") ").next().unwrap().split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    ticks as f64 / 100.0
 }
 
 /// The daemon's resident memory in bytes.

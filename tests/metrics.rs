@@ -90,6 +90,10 @@ async fn a_session_and_rejections_move_their_metrics() {
         r#"benchgate_disconnects_total{reason="expired"}"#,
         r#"benchgate_docker_errors_total{op="exec_create"}"#,
         r#"benchgate_config_reloads_total{result="error"}"#,
+        r#"benchgate_sessions_total{kind="exec",outcome="ambiguous"}"#,
+        r#"benchgate_label_conflicts{kind="ambiguous"}"#,
+        r#"benchgate_label_conflicts{kind="group_names_bench"}"#,
+        "benchgate_resizes_dropped_total",
         "benchgate_connections_active",
         "benchgate_benches_known",
         "benchgate_recording_failures_total",
@@ -148,4 +152,33 @@ async fn a_session_and_rejections_move_their_metrics() {
     assert!(after
         .keys()
         .any(|k| k.starts_with("benchgate_session_duration_seconds_bucket{le=")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_answers_within_a_second_while_300_idle_connections_are_held() {
+    let addr = endpoint();
+    let mut idle = Vec::new();
+    for i in 0..300 {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // Half of them start a request and stop.
+        if i % 2 == 0 {
+            stream.write_all(b"GET /hea").await.unwrap();
+        }
+        idle.push(stream);
+    }
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(1), get(addr, "/health"))
+        .await
+        .expect("/health did not answer within a second");
+    assert_eq!(answer.0, "HTTP/1.1 200 OK");
+    eprintln!(
+        "/health answered in {:?} with 300 idle connections",
+        started.elapsed()
+    );
+    // The idle ones are closed before long, giving their places back.
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(5), idle[1].read(&mut buf))
+        .await
+        .expect("an idle connection was kept open");
+    assert_eq!(closed.unwrap(), 0);
 }

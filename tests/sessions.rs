@@ -699,12 +699,124 @@ async fn group_principal_grants_its_benches() {
     assert_eq!(run.stdout_text(), "in\n", "{run:?}");
 }
 
+/// `benchgate explain` against `bastion`'s config: its exit status and what it printed.
+fn explain(bastion: &Bastion, bench: &str, key: &std::path::Path) -> (i32, String) {
+    let cert = format!("{}-cert.pub", key.display());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_benchgate"))
+        .args(["explain", "--config"])
+        .arg(bastion.path("benchgate.toml"))
+        .args(["--bench", bench, &cert])
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    let code = out.status.code().unwrap_or(-1);
+    (code, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn container_id(container: &Container) -> String {
+    let out = run("docker", &["inspect", "-f", "{{.Id}}", &container.name]);
+    String::from_utf8(out.stdout).unwrap().trim()[..12].to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bench_on_two_running_containers_is_refused_until_one_is_gone() {
+    let first = Container::start(&[]);
+    // Whoever can start a container with the bench's label must not capture its sessions.
+    let second = Container::start_as(Some(&first.bench), &[], &[]);
+    let bastion = Bastion::spawn(|_, _| {}).await;
+    let key = bastion.user_with_cert("user", "ca", &["-n", &first.bench, "-V", VALID]);
+    let run = bastion
+        .exec(&first.bench, &key, &[], "echo reached", b"")
+        .await;
+    let message = format!(
+        "benchgate: bench '{}' is ambiguous: 2 containers carry its label",
+        first.bench
+    );
+    assert!(run.stderr.contains(&message), "{run:?}");
+    assert!(run.stdout.is_empty(), "{run:?}");
+    assert_ne!(run.code, Some(0), "{run:?}");
+    let log = bastion.log();
+    let refused = log
+        .lines()
+        .find(|l| l.contains("session refused: bench is ambiguous"))
+        .unwrap_or_else(|| panic!("no refusal line: {log}"));
+    assert!(refused.contains("ERROR"), "{refused}");
+    for id in [container_id(&first), container_id(&second)] {
+        assert!(refused.contains(&id), "{id} not named: {refused}");
+    }
+    // The index reported it before anyone logged in.
+    assert!(log.contains("running containers carry its label"), "{log}");
+    let (code, said) = explain(&bastion, &first.bench, &key);
+    assert_ne!(code, 0, "{said}");
+    assert!(said.contains("AMBIGUOUS: 2 running containers"), "{said}");
+    // With the second container gone, the bench is one container again.
+    drop(second);
+    for _ in 0..100 {
+        let run = bastion
+            .exec(&first.bench, &key, &[], "echo reached", b"")
+            .await;
+        if run.stdout_text() == "reached\n" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the bench never worked again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_label_that_names_a_bench_is_not_honoured() {
+    let named = Container::start(&[]);
+    let grouped = Container::start(&[&format!("benchgate.group={}", named.bench)]);
+    let bastion = Bastion::spawn(|_, _| {}).await;
+    let key = bastion.user_with_cert("user", "ca", &["-n", &named.bench, "-V", VALID]);
+    let run = bastion.exec(&named.bench, &key, &[], "echo in", b"").await;
+    assert_eq!(run.stdout_text(), "in\n", "{run:?}");
+    // A certificate for bench X does not open the benches grouped as X.
+    let reasons = bastion.rejection_reasons(&grouped.bench, &key, &[]).await;
+    assert!(
+        reasons.iter().any(|r| r == "principal_mismatch"),
+        "{reasons:?}"
+    );
+    let log = bastion.log();
+    assert!(
+        log.lines().any(|l| l.contains(&container_id(&grouped))
+            && l.contains("which names a bench; the group is not honoured")),
+        "{log}"
+    );
+    let (code, said) = explain(&bastion, &grouped.bench, &key);
+    assert_ne!(code, 0, "{said}");
+    assert!(said.contains("NOT honoured"), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn group_principals_need_the_prefix_when_one_is_set() {
+    let container = Container::start(&["benchgate.group=team-green"]);
+    let bastion = Bastion::start(|_, config| {
+        config.docker.group_principal_prefix = "group:".into();
+    })
+    .await;
+    bastion.wait_for_bench(&container.bench).await;
+    let bare = bastion.user_with_cert("bare", "ca", &["-n", "team-green", "-V", VALID]);
+    let reasons = bastion
+        .rejection_reasons(&container.bench, &bare, &[])
+        .await;
+    assert!(
+        reasons.iter().any(|r| r == "principal_mismatch"),
+        "{reasons:?}"
+    );
+    let prefixed =
+        bastion.user_with_cert("prefixed", "ca", &["-n", "group:team-green", "-V", VALID]);
+    let run = bastion
+        .exec(&container.bench, &prefixed, &[], "echo in", b"")
+        .await;
+    assert_eq!(run.stdout_text(), "in\n", "{run:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn container_names_and_id_prefixes_are_not_benches() {
     let (bastion, bench, _) = setup(&[], &[]).await;
-    let id = String::from_utf8(run("docker", &["inspect", "-f", "{{.Id}}", &bench.name]).stdout)
-        .unwrap();
-    for name in [&id.trim()[..12], bench.name.as_str()] {
+    let id = container_id(&bench);
+    for name in [id.as_str(), bench.name.as_str()] {
         let key = bastion.user_with_cert(
             &format!("k{}", name.len()),
             "ca",

@@ -31,12 +31,21 @@ struct Plan {
     keys: usize,
     idle: usize,
     idle_sshd: usize,
+    /// Handshakes per key exchange method whose CPU cost is measured.
+    kex: usize,
     /// One group of figures only (for profiling), from [`GROUPS`].
     only: Option<String>,
 }
 
 /// The groups of figures, in the order they are measured.
-const GROUPS: [&str; 5] = ["handshakes", "sessions", "throughput", "echo", "idle"];
+const GROUPS: [&str; 6] = [
+    "handshakes",
+    "kex",
+    "sessions",
+    "throughput",
+    "echo",
+    "idle",
+];
 
 impl Plan {
     fn wants(&self, group: &str) -> bool {
@@ -55,6 +64,7 @@ impl Plan {
             keys: 1000,
             idle: 500,
             idle_sshd: 100,
+            kex: 100,
             only: None,
         }
     }
@@ -69,6 +79,7 @@ impl Plan {
             keys: 10,
             idle: 4,
             idle_sshd: 4,
+            kex: 2,
             only: None,
         }
     }
@@ -146,6 +157,9 @@ async fn measure(lab: &Lab, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
     if plan.wants("handshakes") {
         figures.extend(handshakes(&targets, plan).await?);
     }
+    if plan.wants("kex") {
+        figures.extend(kex_cost(lab, plan).await?);
+    }
     if plan.wants("sessions") {
         figures.extend(sessions(&targets, plan).await?);
     }
@@ -195,6 +209,82 @@ async fn handshakes(targets: &Targets, plan: &Plan) -> anyhow::Result<Vec<Figure
             }
         }
         figures.push(rates);
+    }
+    Ok(figures)
+}
+
+/// Every key exchange method russh's client speaks (so both daemons are asked the same way),
+/// to measure what each costs a daemon before authentication.
+const KEX_METHODS: [russh::kex::Name; 9] = [
+    russh::kex::CURVE25519,
+    russh::kex::MLKEM768X25519_SHA256,
+    russh::kex::ECDH_SHA2_NISTP256,
+    russh::kex::ECDH_SHA2_NISTP384,
+    russh::kex::ECDH_SHA2_NISTP521,
+    russh::kex::DH_G14_SHA256,
+    russh::kex::DH_G16_SHA512,
+    russh::kex::DH_G18_SHA512,
+    russh::kex::DH_GEX_SHA256,
+];
+
+/// The daemon's CPU milliseconds per key exchange of each method: `plan.kex` connections
+/// that exchange keys and disconnect, and the daemon's CPU time (its exited children
+/// included: sshd forks one per connection) read from `/proc` before and after. A method a
+/// daemon does not offer has no figure.
+async fn kex_cost(lab: &Lab, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
+    fn cpu_ms(pid: u32) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // utime, stime, cutime, cstime: the 14th to 17th fields, after "pid (comm) state".
+        let fields: Vec<f64> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .skip(11)
+            .take(4)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        fields.iter().sum::<f64>() * 10.0 // USER_HZ is 100 on Linux
+    }
+    let mut figures = Vec::new();
+    for method in KEX_METHODS {
+        let mut figure = Figure::median(format!("CPU ms per key exchange, {}", method.as_ref()))
+            .lower_is_better();
+        let mut preferred = russh::Preferred::default();
+        preferred.kex = vec![
+            method,
+            russh::kex::EXTENSION_SUPPORT_AS_CLIENT,
+            russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_CLIENT,
+        ]
+        .into();
+        let config = Arc::new(russh::client::Config {
+            preferred,
+            ..Default::default()
+        });
+        for (who, daemon) in [(Who::Benchgate, &lab.benchgate), (Who::Sshd, &lab.sshd)] {
+            settle().await;
+            let pid = daemon.process.id();
+            let before = cpu_ms(pid);
+            let mut offered = true;
+            for _ in 0..plan.kex {
+                match russh::client::connect(config.clone(), daemon.addr, drive::Client).await {
+                    Ok(handle) => {
+                        let _ = handle
+                            .disconnect(russh::Disconnect::ByApplication, "", "en")
+                            .await;
+                    }
+                    Err(russh::Error::NoCommonAlgo { .. }) => {
+                        offered = false;
+                        break;
+                    }
+                    Err(e) => anyhow::bail!("{who:?} {}: {e}", method.as_ref()),
+                }
+            }
+            if offered {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                figure.add(who, (cpu_ms(pid) - before) / plan.kex as f64);
+            }
+        }
+        figures.push(figure);
     }
     Ok(figures)
 }

@@ -207,6 +207,9 @@ pub struct Status {
     pub endpoints: Vec<crate::config::Endpoint>,
     /// Whether it has handed its listeners over and is draining.
     pub draining: bool,
+    /// Label conflicts in its bench index (ambiguous benches, group labels not honoured).
+    #[serde(default)]
+    pub conflicts: Vec<String>,
 }
 
 impl Reply {

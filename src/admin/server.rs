@@ -390,6 +390,10 @@ async fn connection(app: &Arc<App>, access: &Access, watches: &Arc<Semaphore>, s
                     pid: std::process::id(),
                     endpoints: app.benches.configured(),
                     draining: app.handover.draining(),
+                    conflicts: {
+                        let c = app.benches.conflicts();
+                        c.ambiguous.into_iter().chain(c.ignored_groups).collect()
+                    },
                 }),
                 ..Reply::default()
             },

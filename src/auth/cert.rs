@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use ssh_key::{Algorithm, Certificate};
+use russh::keys::ssh_key::{Algorithm, Certificate};
 
 use super::revocation::Revocation;
 use super::{is_bench_name, Attempt, Grant, Rejection, Trust};
@@ -126,7 +126,7 @@ fn grant(cert: &Certificate, attempt: &Attempt<'_>) -> Grant {
 /// SHA256 fingerprint of the key that signed `cert`, trusted or not.
 pub fn ca_fingerprint(cert: &Certificate) -> String {
     cert.signature_key()
-        .fingerprint(ssh_key::HashAlg::Sha256)
+        .fingerprint(russh::keys::ssh_key::HashAlg::Sha256)
         .to_string()
 }
 
@@ -149,8 +149,8 @@ pub fn source_allows(list: &str, peer: IpAddr) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ssh_key::certificate::{Builder, CertType};
-    use ssh_key::{HashAlg, PrivateKey};
+    use russh::keys::ssh_key::certificate::{Builder, CertType};
+    use russh::keys::ssh_key::{HashAlg, PrivateKey};
 
     const NOW: u64 = 1_800_000_000;
     const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 7));
@@ -171,7 +171,7 @@ mod tests {
     /// A valid 6-hour certificate for bench "shop", with `edit` applied before signing.
     fn cert_with(
         keys: &Keys,
-        signer: &impl ssh_key::SigningKey,
+        signer: &impl russh::keys::ssh_key::SigningKey,
         edit: impl FnOnce(&mut Builder),
     ) -> Certificate {
         let mut builder = Builder::new(
@@ -269,17 +269,17 @@ mod tests {
     }
 
     /// Signs with RSA PKCS#1 v1.5 over SHA-1: the `ssh-rsa` algorithm.
-    struct Sha1Signer<'a>(&'a ssh_key::private::RsaKeypair);
+    struct Sha1Signer<'a>(&'a russh::keys::ssh_key::private::RsaKeypair);
 
-    impl signature::Signer<ssh_key::Signature> for Sha1Signer<'_> {
-        fn try_sign(&self, message: &[u8]) -> signature::Result<ssh_key::Signature> {
+    impl signature::Signer<russh::keys::ssh_key::Signature> for Sha1Signer<'_> {
+        fn try_sign(&self, message: &[u8]) -> signature::Result<russh::keys::ssh_key::Signature> {
             (self.0, None).try_sign(message)
         }
     }
 
-    impl From<&Sha1Signer<'_>> for ssh_key::public::KeyData {
+    impl From<&Sha1Signer<'_>> for russh::keys::ssh_key::public::KeyData {
         fn from(signer: &Sha1Signer<'_>) -> Self {
-            ssh_key::public::KeyData::Rsa(signer.0.into())
+            russh::keys::ssh_key::public::KeyData::Rsa(signer.0.into())
         }
     }
 

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use ssh_key::certificate::{Builder, CertType};
-use ssh_key::{Certificate, PrivateKey, PublicKey};
+use russh::keys::ssh_key::certificate::{Builder, CertType};
+use russh::keys::ssh_key::{Certificate, PrivateKey, PublicKey};
 
 use super::cert::PERMIT_PTY;
 
@@ -34,7 +34,7 @@ pub enum IssueError {
     EncryptedCa,
     /// ssh-key refused a field or the signature.
     #[error("cannot sign: {0}")]
-    Sign(#[from] ssh_key::Error),
+    Sign(#[from] russh::keys::ssh_key::Error),
 }
 
 /// Signs `subject` with `ca` as `request` says.
@@ -67,8 +67,8 @@ mod tests {
     #[test]
     fn issued_certificate_passes_verification_for_its_principal_only() {
         let mut rng = rand::rng();
-        let ca = PrivateKey::random(&mut rng, ssh_key::Algorithm::Ed25519).unwrap();
-        let user = PrivateKey::random(&mut rng, ssh_key::Algorithm::Ed25519).unwrap();
+        let ca = PrivateKey::random(&mut rng, russh::keys::ssh_key::Algorithm::Ed25519).unwrap();
+        let user = PrivateKey::random(&mut rng, russh::keys::ssh_key::Algorithm::Ed25519).unwrap();
         let now = 1_800_000_000;
         let request = Request {
             principal: "shop",

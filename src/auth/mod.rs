@@ -8,8 +8,8 @@ use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use ssh_key::public::KeyData;
-use ssh_key::{HashAlg, PublicKey};
+use russh::keys::ssh_key::public::KeyData;
+use russh::keys::ssh_key::{HashAlg, PublicKey};
 
 pub use cert::verify;
 
@@ -68,6 +68,8 @@ pub enum Rejection {
     BadSourceAddress,
     /// The client address is outside the `source-address` option.
     SourceAddressMismatch,
+    /// The certificate's key holds `server.max_connections_per_key` connections already.
+    TooManyConnections,
 }
 
 impl Rejection {
@@ -91,11 +93,12 @@ impl Rejection {
             Self::RevocationUnavailable => "revocation_unavailable",
             Self::BadSourceAddress => "bad_source_address",
             Self::SourceAddressMismatch => "source_address_mismatch",
+            Self::TooManyConnections => "too_many_connections",
         }
     }
 
     /// Every label, so metrics can start at zero for each.
-    pub const LABELS: [&'static str; 17] = [
+    pub const LABELS: [&'static str; 18] = [
         "invalid_user",
         "not_certificate",
         "untrusted_ca",
@@ -113,6 +116,7 @@ impl Rejection {
         "revocation_unavailable",
         "bad_source_address",
         "source_address_mismatch",
+        "too_many_connections",
     ];
 }
 
@@ -144,6 +148,9 @@ impl fmt::Display for Rejection {
             Self::SourceAddressMismatch => {
                 f.write_str("the client address is not allowed by source-address")
             }
+            Self::TooManyConnections => f.write_str(
+                "the certificate's key has server.max_connections_per_key connections open",
+            ),
         }
     }
 }
@@ -169,7 +176,7 @@ pub struct Grant {
     /// sessions check that the bench still carries it.
     pub via_group: Option<String>,
     /// The certificate itself, to check again when trust or revocations change.
-    pub certificate: std::sync::Arc<ssh_key::Certificate>,
+    pub certificate: std::sync::Arc<russh::keys::ssh_key::Certificate>,
 }
 
 /// The facts about a login attempt that are not in the certificate.
@@ -224,7 +231,7 @@ pub enum TrustError {
         /// 1-based line.
         line: usize,
         /// The cause.
-        source: ssh_key::Error,
+        source: russh::keys::ssh_key::Error,
     },
     /// None of the files holds a key.
     #[error("no CA key found in {0}")]
@@ -384,7 +391,8 @@ mod tests {
             | Revoked
             | RevocationUnavailable
             | BadSourceAddress
-            | SourceAddressMismatch => (),
+            | SourceAddressMismatch
+            | TooManyConnections => (),
         };
         let all = [
             InvalidUser,
@@ -404,6 +412,7 @@ mod tests {
             RevocationUnavailable,
             BadSourceAddress,
             SourceAddressMismatch,
+            TooManyConnections,
         ];
         all.iter().for_each(every);
         let mut labels: Vec<&str> = all.iter().map(Rejection::label).collect();

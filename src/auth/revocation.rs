@@ -3,10 +3,10 @@
 
 use std::collections::{BTreeSet, HashSet};
 
+use russh::keys::ssh_key::encoding::Encode as _;
+use russh::keys::ssh_key::public::KeyData;
+use russh::keys::ssh_key::{Certificate, PublicKey};
 use sha1::Digest as _;
-use ssh_key::encoding::Encode as _;
-use ssh_key::public::KeyData;
-use ssh_key::{Certificate, PublicKey};
 
 /// Largest revocation file accepted, in bytes.
 pub const MAX_FILE_BYTES: usize = 64 * 1024 * 1024;
@@ -487,10 +487,18 @@ mod tests {
     }
 
     fn cert_with_serial(serial: u64) -> Certificate {
-        use ssh_key::certificate::{Builder, CertType};
+        use russh::keys::ssh_key::certificate::{Builder, CertType};
         let mut rng = rand::rng();
-        let ca = ssh_key::PrivateKey::random(&mut rng, ssh_key::Algorithm::Ed25519).unwrap();
-        let user = ssh_key::PrivateKey::random(&mut rng, ssh_key::Algorithm::Ed25519).unwrap();
+        let ca = russh::keys::ssh_key::PrivateKey::random(
+            &mut rng,
+            russh::keys::ssh_key::Algorithm::Ed25519,
+        )
+        .unwrap();
+        let user = russh::keys::ssh_key::PrivateKey::random(
+            &mut rng,
+            russh::keys::ssh_key::Algorithm::Ed25519,
+        )
+        .unwrap();
         let mut builder =
             Builder::new([3u8; 16], user.public_key().key_data().clone(), 0, u64::MAX).unwrap();
         builder.cert_type(CertType::User).unwrap();

@@ -1,8 +1,8 @@
 //! The bench index: containers by label across every endpoint, kept current from each
 //! engine's events stream with a periodic resync, so a login costs no Docker listing.
 
-use std::collections::HashMap;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use bollard::query_parameters::{EventsOptions, ListContainersOptions};
@@ -41,8 +41,11 @@ pub struct Bench {
 /// What the index says about a bench name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
-    /// A running container.
+    /// Exactly one running container across every endpoint.
     Running(Bench),
+    /// Two or more running containers carry the name: refused, never guessed, since whoever
+    /// can start a container with a bench's label would otherwise capture its sessions.
+    Ambiguous(Vec<Bench>),
     /// Known, but not running; the state says why.
     NotRunning(Bench),
     /// No container carries that label value.
@@ -56,6 +59,10 @@ pub struct Index {
     slots: RwLock<Vec<Option<Slot>>>,
     bench_label: String,
     group_label: String,
+    /// Put in front of a group label's value to make the principal that grants it.
+    group_prefix: String,
+    /// Conflicts already logged (so a resync does not repeat them).
+    reported: Mutex<HashSet<String>>,
     /// Per slot: bench name -> containers.
     benches: RwLock<Vec<HashMap<String, Vec<Bench>>>>,
     /// Set by [`Index::watch`]: endpoints added later are followed until then too.
@@ -96,9 +103,23 @@ impl std::fmt::Display for Changes {
     }
 }
 
+/// Label conflicts, one readable line each (naming containers and engines).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Conflicts {
+    /// Bench names that two or more running containers carry: their sessions are refused.
+    pub ambiguous: Vec<String>,
+    /// Group labels whose value is also a bench's name: not honoured.
+    pub ignored_groups: Vec<String>,
+}
+
 /// Endpoints for a reload, made before anything changes (making one can fail).
 pub struct Plan {
     new: Vec<(config::Endpoint, Option<Arc<Endpoint>>)>,
+}
+
+/// The 12-character short form of a container ID, as `docker ps` shows it.
+pub fn short(container: &str) -> &str {
+    container.get(..12).unwrap_or(container)
 }
 
 fn lock_read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -130,6 +151,8 @@ impl Index {
             slots: RwLock::new(slots),
             bench_label: config.bench_label.clone(),
             group_label: config.group_label.clone(),
+            group_prefix: config.group_principal_prefix.clone(),
+            reported: Mutex::default(),
             shutdown: OnceLock::new(),
         })
     }
@@ -205,33 +228,121 @@ impl Index {
         }
         drop((slots, benches));
         self.count_known();
+        self.report_conflicts();
         changes
     }
 
-    /// The bench named `name`: a running container if any endpoint has one.
+    /// The bench named `name`: its one running container across every endpoint.
     pub fn lookup(&self, name: &str) -> Lookup {
         let benches = lock_read(&self.benches);
-        let mut found: Option<&Bench> = None;
-        for bench in benches
+        let all: Vec<&Bench> = benches
             .iter()
             .filter_map(|by_name| by_name.get(name))
             .flatten()
-        {
-            if bench.state == "running" {
-                return Lookup::Running(bench.clone());
-            }
-            found = found.or(Some(bench));
+            .collect();
+        let mut running: Vec<Bench> = all
+            .iter()
+            .filter(|b| b.state == "running")
+            .map(|b| (*b).clone())
+            .collect();
+        match running.len() {
+            0 => all
+                .first()
+                .map_or(Lookup::Unknown, |b| Lookup::NotRunning((*b).clone())),
+            1 => Lookup::Running(running.remove(0)),
+            _ => Lookup::Ambiguous(running),
         }
-        found.map_or(Lookup::Unknown, |b| Lookup::NotRunning(b.clone()))
     }
 
-    /// The group label value of the running container of bench `name`, if it has one (a
-    /// stopped container's label grants nothing).
+    /// The principal that grants `bench` through its group label: the configured prefix and
+    /// the label's value. None without a group label, and none when the value is also a
+    /// bench's name: a certificate for bench X must not open every bench grouped as X.
+    pub fn group_principal(&self, bench: &Bench) -> Option<String> {
+        let group = bench.group.as_deref()?;
+        if self.names_bench(group) {
+            return None;
+        }
+        Some(format!("{}{group}", self.group_prefix))
+    }
+
+    /// The group principal of bench `name`'s one running container (see
+    /// [`Index::group_principal`]).
     pub fn group(&self, name: &str) -> Option<String> {
         match self.lookup(name) {
-            Lookup::Running(b) => b.group,
-            Lookup::NotRunning(_) | Lookup::Unknown => None,
+            Lookup::Running(b) => self.group_principal(&b),
+            Lookup::Ambiguous(_) | Lookup::NotRunning(_) | Lookup::Unknown => None,
         }
+    }
+
+    fn names_bench(&self, name: &str) -> bool {
+        lock_read(&self.benches)
+            .iter()
+            .any(|m| m.contains_key(name))
+    }
+
+    /// Every label conflict in the index, one line each.
+    pub fn conflicts(&self) -> Conflicts {
+        let benches = lock_read(&self.benches);
+        let slots = lock_read(&self.slots);
+        let url = |b: &Bench| {
+            slots
+                .get(b.endpoint)
+                .and_then(Option::as_ref)
+                .map_or_else(|| "a removed engine".to_owned(), |s| s.endpoint.url.clone())
+        };
+        let mut by_name: HashMap<&str, Vec<&Bench>> = HashMap::new();
+        for (name, list) in benches.iter().flatten() {
+            by_name.entry(name).or_default().extend(list);
+        }
+        let mut out = Conflicts::default();
+        for (name, list) in &by_name {
+            let running: Vec<&&Bench> = list.iter().filter(|b| b.state == "running").collect();
+            if running.len() > 1 {
+                let where_: Vec<String> = running
+                    .iter()
+                    .map(|b| format!("{} on {}", short(&b.container), url(b)))
+                    .collect();
+                out.ambiguous.push(format!(
+                    "bench {name:?} is ambiguous: {} running containers carry its label ({}); its sessions are refused",
+                    running.len(),
+                    where_.join(", ")
+                ));
+            }
+            for bench in list {
+                if let Some(group) = bench.group.as_deref().filter(|g| by_name.contains_key(g)) {
+                    out.ignored_groups.push(format!(
+                        "bench {name:?}: container {} on {} has group label {group:?}, which names a bench; the group is not honoured",
+                        short(&bench.container),
+                        url(bench)
+                    ));
+                }
+            }
+        }
+        out.ambiguous.sort();
+        out.ignored_groups.sort();
+        out
+    }
+
+    /// Logs conflicts not logged before (ambiguous names at error level: their sessions are
+    /// refused), and counts those in force.
+    fn report_conflicts(&self) {
+        let Conflicts {
+            ambiguous,
+            ignored_groups,
+        } = self.conflicts();
+        crate::metrics::label_conflicts(ambiguous.len(), ignored_groups.len());
+        let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+        for conflict in &ambiguous {
+            if reported.insert(conflict.clone()) {
+                tracing::error!("{conflict}");
+            }
+        }
+        for conflict in &ignored_groups {
+            if reported.insert(conflict.clone()) {
+                tracing::warn!("{conflict}");
+            }
+        }
+        reported.retain(|c| ambiguous.contains(c) || ignored_groups.contains(c));
     }
 
     /// How many bench names are known.
@@ -398,6 +509,7 @@ impl Index {
         }
         drop(slots);
         self.count_known();
+        self.report_conflicts();
         Ok(())
     }
 }

@@ -5,7 +5,7 @@ pub mod endpoint;
 pub mod exec;
 pub mod session;
 
-pub use benches::{Bench, Index, Lookup};
+pub use benches::{short, Bench, Conflicts, Index, Lookup};
 pub use endpoint::Endpoint;
 pub use session::{Plan, Session};
 

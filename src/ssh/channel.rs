@@ -17,7 +17,7 @@ use crate::audit::{Event, Kind};
 use crate::auth::{self, Grant};
 use crate::config::Leftovers;
 use crate::docker::exec;
-use crate::docker::{Bench, Lookup, Plan, Session};
+use crate::docker::{short, Bench, Lookup, Plan, Session};
 use crate::flow::{Inbox, Input};
 use crate::live::{About, Live};
 use crate::metrics;
@@ -180,10 +180,30 @@ async fn session(
                 format!("benchgate: bench '{bench_name}' is not running (status: no such bench)");
             return unavailable(request, to_client, &message).await;
         }
+        Lookup::Ambiguous(containers) => {
+            let list: Vec<String> = containers
+                .iter()
+                .map(|b| {
+                    let engine = app.benches.endpoint(b.endpoint);
+                    let url = engine.as_ref().map_or("a removed engine", |e| &e.url);
+                    format!("{} on {url}", short(&b.container))
+                })
+                .collect();
+            tracing::error!(
+                peer = %request.peer, bench = %bench_name, containers = %list.join(", "),
+                "session refused: bench is ambiguous, two or more running containers carry its label"
+            );
+            metrics::session_ended(request.kind(), "ambiguous", Duration::ZERO, 0, 0);
+            let message = format!(
+                "benchgate: bench '{bench_name}' is ambiguous: {} containers carry its label",
+                containers.len()
+            );
+            return refuse(to_client, &message, tty, &request.link).await;
+        }
     };
     // Access through a group holds only while the bench's container carries that group.
     if let Some(group) = &request.grant.via_group {
-        if bench.group.as_ref() != Some(group) {
+        if app.benches.group_principal(&bench).as_ref() != Some(group) {
             let message =
                 format!("benchgate: your certificate no longer grants bench '{bench_name}'");
             return unavailable(request, to_client, &message).await;

@@ -3,9 +3,11 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use russh::keys::ssh_key::public::KeyData;
 use russh::keys::ssh_key::{Algorithm, Certificate};
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelOpenFailure, ChannelWriteHalf};
@@ -20,6 +22,7 @@ use crate::app::App;
 use crate::audit::{Event, Kind};
 use crate::auth::{self, Attempt, Grant, Rejection};
 use crate::flow::{Flow, Inbox};
+use crate::limits::Place;
 use crate::metrics;
 use crate::policy::{self, Refused};
 
@@ -44,7 +47,19 @@ pub struct Handler {
     channel_permits: Arc<Semaphore>,
     /// The connection's span: russh runs the handler in a task of its own, outside it.
     span: tracing::Span,
+    /// This connection's place among its certificate key's connections.
+    key_place: Option<Place<KeyData>>,
+    /// Requests refused so far, and those of them that count towards [`MAX_REFUSALS`].
+    refusals: [AtomicU32; 2],
 }
+
+/// Refused requests of one connection that are audited and logged one by one.
+const AUDITED_REFUSALS: u32 = 10;
+/// Refused requests after which the connection is closed: no client asks this often by
+/// mistake (OpenSSH asks for agent and X11 forwarding once per session, and gives up on a
+/// refused port forward). Variables not allowed (`SendEnv LC_*` may send dozens) do not
+/// count: they are part of a session's set-up.
+const MAX_REFUSALS: u32 = 100;
 
 /// A session channel between its opening and its `shell` or `exec` request.
 struct Opened {
@@ -82,6 +97,8 @@ impl Handler {
             flow,
             span: tracing::Span::current(),
             channel_permits: Arc::new(Semaphore::new(max_channels)),
+            refusals: Default::default(),
+            key_place: None,
         }
     }
 
@@ -153,9 +170,15 @@ impl Handler {
         Ok(())
     }
 
+    /// Counts, logs and audits a refusal: the first [`AUDITED_REFUSALS`] one by one, then
+    /// one event for all of them when the connection is closed at [`MAX_REFUSALS`].
     fn refuse_request(&self, request: Refused) {
         metrics::refused(request);
-        tracing::info!(peer = %self.peer, request = request.label(), "request refused");
+        let count = self.refusals[0].fetch_add(1, Ordering::Relaxed) + 1;
+        let counted = match request {
+            Refused::Env => self.refusals[1].load(Ordering::Relaxed),
+            _ => self.refusals[1].fetch_add(1, Ordering::Relaxed) + 1,
+        };
         let mut event = Event::new(Kind::RequestRefused, self.peer).request(request.label());
         if let Some(grant) = &self.grant {
             event = event.bench(&grant.bench).certificate(
@@ -164,7 +187,22 @@ impl Handler {
                 grant.ca.clone(),
             );
         }
-        self.app.audit.record(&event);
+        if count <= AUDITED_REFUSALS {
+            tracing::info!(peer = %self.peer, request = request.label(), "request refused");
+            self.app.audit.record(&event);
+        }
+        if counted == MAX_REFUSALS && request != Refused::Env {
+            tracing::warn!(
+                peer = %self.peer, refused = count,
+                "the client keeps asking for refused requests; closing the connection"
+            );
+            self.app.audit.record(
+                &event
+                    .count(count)
+                    .reason("too many refused requests; closing the connection"),
+            );
+            self.link.request_end(Ended::TooManyRefusals);
+        }
     }
 
     async fn refuse_channel(&self, request: Refused, reply: ChannelOpenHandle, message: &str) {
@@ -246,7 +284,17 @@ impl russh::server::Handler for Handler {
             peer: self.peer.ip(),
             now: crate::clock::unix_now(),
         };
-        match auth::verify(cert, &attempt, &self.app.settings().trust) {
+        let verdict = auth::verify(cert, &attempt, &self.app.settings().trust).and_then(|grant| {
+            // Counted once accepted: refused attempts hold no place.
+            self.key_place = Some(
+                self.app
+                    .key_connections
+                    .claim(cert.public_key())
+                    .ok_or(Rejection::TooManyConnections)?,
+            );
+            Ok(grant)
+        });
+        match verdict {
             Ok(grant) => {
                 let remaining = grant.valid_before.saturating_sub(attempt.now);
                 metrics::auth_accepted(self.accepted_at.elapsed(), remaining);

@@ -58,6 +58,8 @@ pub enum Ended {
     Unresponsive,
     /// The daemon handed its listeners to a new one and the connection had no session.
     Upgraded,
+    /// The client kept asking for what is refused (forwarding, file transfer...).
+    TooManyRefusals,
 }
 
 impl Ended {
@@ -74,6 +76,7 @@ impl Ended {
             Self::Stuck => "stuck",
             Self::ProtocolViolation => "protocol_violation",
             Self::Upgraded => "upgraded",
+            Self::TooManyRefusals => "too_many_refusals",
             Self::Unresponsive => "unresponsive",
         }
     }
@@ -98,6 +101,9 @@ impl Ended {
             }
             Self::Unresponsive => "benchgate: the client stopped reading; closing the connection",
             Self::Upgraded => "benchgate: the bastion was upgraded; connect again",
+            Self::TooManyRefusals => {
+                "benchgate: too many refused requests (forwarding, agent, X11 and file transfer are not available here); closing the connection"
+            }
         }
     }
 }
@@ -380,8 +386,8 @@ mod tests {
     /// paused, 700 seconds of a certificate's life pass at once.
     #[tokio::test(start_paused = true)]
     async fn expiry_warns_then_ends_on_tokios_clock() {
-        use ssh_key::certificate::{Builder, CertType};
-        use ssh_key::{Algorithm, PrivateKey};
+        use russh::keys::ssh_key::certificate::{Builder, CertType};
+        use russh::keys::ssh_key::{Algorithm, PrivateKey};
         const NOW: u64 = 1_800_000_000;
         let mut rng = rand::rng();
         let ca = PrivateKey::random(&mut rng, Algorithm::Ed25519).expect("ca");
@@ -467,6 +473,7 @@ mod tests {
             ProtocolViolation,
             Unresponsive,
             Upgraded,
+            TooManyRefusals,
         ] {
             assert!(
                 crate::metrics::DISCONNECT_REASONS.contains(&why.label()),

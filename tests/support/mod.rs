@@ -599,6 +599,11 @@ impl Container {
 
     /// The same, with extra `docker run` options.
     pub fn start_with(options: &[&str], labels: &[&str]) -> Self {
+        Self::start_as(None, options, labels)
+    }
+
+    /// The same, labelled as bench `bench` when given (another container may carry it too).
+    pub fn start_as(bench: Option<&str>, options: &[&str], labels: &[&str]) -> Self {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let unique = format!(
             "{}-{}-{:x}",
@@ -607,7 +612,7 @@ impl Container {
             rand::random::<u32>()
         );
         let name = format!("bg-test-{unique}");
-        let bench = format!("bench-{unique}");
+        let bench = bench.map_or_else(|| format!("bench-{unique}"), str::to_owned);
         let mut args = vec![
             "run".to_owned(),
             "-d".to_owned(),
@@ -658,4 +663,12 @@ impl Drop for Container {
             .args(["rm", "-f", &self.name])
             .output();
     }
+}
+
+/// CPU seconds (user and system) the process `pid` used so far.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit(") ").next().unwrap().split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
 }

@@ -1,0 +1,43 @@
+"""Opens a terminal session on BENCH@127.0.0.1:PORT with asyncssh and sends COUNT
+window-change requests as fast as it can (the last one 123x45), then a line; the session
+prints the terminal size it ends with (`stty size`).
+
+usage: asyncssh_resize.py PORT BENCH KEY KNOWN_HOSTS COUNT
+"""
+
+import asyncio
+import sys
+import warnings
+
+warnings.filterwarnings("ignore")
+
+import asyncssh  # noqa: E402
+
+
+async def main(port: int, bench: str, key_path: str, known_hosts: str, count: int) -> None:
+    key = asyncssh.read_private_key(key_path)
+    cert = asyncssh.read_certificate(key_path + "-cert.pub")
+    async with asyncssh.connect(
+        "127.0.0.1",
+        port,
+        username=bench,
+        client_keys=[(key, cert)],
+        known_hosts=known_hosts,
+        agent_path=None,
+    ) as conn:
+        async with conn.create_process(
+            "echo ready; read line; stty size", term_type="xterm", term_size=(80, 24)
+        ) as proc:
+            assert (await proc.stdout.readline()).strip() == "ready"
+            for i in range(count - 1):
+                proc.change_terminal_size(60 + i % 100, 20 + i % 30)
+            proc.change_terminal_size(123, 45)
+            # The last size reaches the terminal within a quarter of a second.
+            await asyncio.sleep(1)
+            proc.stdin.write("\n")
+            print((await proc.stdout.read()).strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    port, bench, key_path, known_hosts, count = sys.argv[1:]
+    asyncio.run(main(int(port), bench, key_path, known_hosts, int(count)))
