@@ -106,6 +106,7 @@ fn instructions(certificate: &Certificate, text: &str, path: &Path, args: &Issue
         "ssh -i ~/.ssh/{key} -p {} {}@{}",
         args.port, args.principal, args.host
     );
+    let _ = write!(out, "{}", ssh_config_blocks(certificate, &key, args));
     let _ = writeln!(out, "\n# Windows PowerShell (writes UTF-8 without a BOM)");
     let _ = writeln!(
         out,
@@ -117,6 +118,41 @@ fn instructions(certificate: &Certificate, text: &str, path: &Path, args: &Issue
         args.port, args.principal, args.host
     );
     out
+}
+
+/// The `~/.ssh/config` blocks for the two ways a key is held. In an agent (`ssh-add` loads
+/// the key and the certificate beside it), accepting only the `-cert-v01` algorithms makes
+/// OpenSSH offer the certificate alone: one signature per login (one prompt with
+/// `ssh-add -c`, one touch of a FIDO key) where it would otherwise also offer the bare key and
+/// sign twice. Without an agent the same setting makes OpenSSH skip the private key file, so
+/// that block leaves it out.
+fn ssh_config_blocks(certificate: &Certificate, key: &str, args: &IssueArgs) -> String {
+    use russh::keys::ssh_key::Algorithm;
+    let algorithms = match certificate.public_key().algorithm() {
+        Algorithm::Ed25519 => "ssh-ed25519-cert-v01@openssh.com",
+        Algorithm::Ecdsa { curve } => match curve.as_str() {
+            "nistp384" => "ecdsa-sha2-nistp384-cert-v01@openssh.com",
+            "nistp521" => "ecdsa-sha2-nistp521-cert-v01@openssh.com",
+            _ => "ecdsa-sha2-nistp256-cert-v01@openssh.com",
+        },
+        Algorithm::SkEd25519 => "sk-ssh-ed25519-cert-v01@openssh.com",
+        Algorithm::SkEcdsaSha2NistP256 => "sk-ecdsa-sha2-nistp256-cert-v01@openssh.com",
+        _ => "rsa-sha2-512-cert-v01@openssh.com,rsa-sha2-256-cert-v01@openssh.com",
+    };
+    let host = |extra: &str| {
+        format!(
+            "Host {}\n  Port {}\n  User {}\n{extra}",
+            args.host, args.port, args.principal
+        )
+    };
+    format!(
+        "\n# ~/.ssh/config, with the key in an agent (ssh-add ~/.ssh/{key} loads the certificate too):\n# the certificate alone is offered, so each login signs once\n{}\n# ~/.ssh/config, with the key in a file and no agent (`ssh {}` then connects)\n{}",
+        host(&format!("  PubkeyAcceptedAlgorithms {algorithms}\n")),
+        args.host,
+        host(&format!(
+            "  IdentityFile ~/.ssh/{key}\n  CertificateFile ~/.ssh/{key}-cert.pub\n  IdentitiesOnly yes\n"
+        )),
+    )
 }
 
 /// The verdict of `explain`: the report, and whether the certificate would be accepted.

@@ -489,11 +489,13 @@ impl Config {
     /// Parses `text`, read from `path`, and checks what the types cannot.
     pub fn parse(path: &Path, text: &str) -> Result<Self, Error> {
         let config: Config = toml::from_str(text).map_err(|e| {
+            // A span at the very end (after the last newline) belongs to the last line.
             let line = e.span().map(|span| {
-                1 + text.as_bytes()[..span.start.min(text.len())]
+                let newlines = text.as_bytes()[..span.start.min(text.len())]
                     .iter()
                     .filter(|&&b| b == b'\n')
-                    .count()
+                    .count();
+                (1 + newlines).min(text.lines().count().max(1))
             });
             let snippet = line
                 .and_then(|l| text.lines().nth(l - 1))
@@ -562,6 +564,13 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, Error> {
         Config::parse(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn an_error_at_the_end_of_the_file_names_its_last_line() {
+        let error = parse("[server]\nlisten\n").unwrap_err();
+        assert_eq!(error.line, Some(2), "{error}");
+        assert!(error.message.contains("(in `listen`)"), "{error}");
     }
 
     #[test]

@@ -43,8 +43,12 @@ pub async fn start(
         settings.clone(),
         shutdown.clone(),
     ));
-    let (host_keys, _) = ssh::keys::load(&config.server.host_keys.0, ssh::keys::Missing::Create)
+    let host_keys = ssh::keys::load(&config.server.host_keys.0, ssh::keys::Missing::Create)
         .context("server.host_keys")?;
+    for warning in &host_keys.warnings {
+        tracing::error!("{warning}");
+    }
+    let host_keys = host_keys.keys;
     let audit_path = config.log.audit_file.0.as_deref();
     let audit = audit::Audit::open(audit_path).with_context(|| {
         format!(

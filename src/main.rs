@@ -287,7 +287,7 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
     let (config, source) = load_config(path)?;
     let trust = benchgate::auth::Trust::load(&config.auth.trusted_user_ca_keys.0, None)
         .context("auth.trusted_user_ca_keys")?;
-    let (_, missing) = benchgate::ssh::keys::load(
+    let host_keys = benchgate::ssh::keys::load(
         &config.server.host_keys.0,
         benchgate::ssh::keys::Missing::Report,
     )
@@ -311,7 +311,10 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
     for ca in &trust.cas {
         report += &format!("# trusted user CA {}\n", ca.fingerprint);
     }
-    for path in missing {
+    for warning in &host_keys.warnings {
+        report += &format!("# WARNING: {warning}\n");
+    }
+    for path in host_keys.missing {
         report += &format!(
             "# host key {} is missing and will be created at start\n",
             path.display()

@@ -92,7 +92,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> anyhow::Result<(PathBuf, Strin
     )?;
 
     let host_key_path = dir.join("ssh_host_ed25519_key");
-    let (host_keys, _) = keys::load(std::slice::from_ref(&host_key_path), Missing::Create)?;
+    let host_keys = keys::load(std::slice::from_ref(&host_key_path), Missing::Create)?.keys;
     let host = host_keys
         .first()
         .context("no host key")?

@@ -91,6 +91,43 @@ fn assert_refuses_to_start(dir: &Path, expected: &str) {
 }
 
 #[test]
+fn an_rsa_host_key_is_warned_about_loudly_and_the_log_file_has_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    keygen(dir.path(), "ca", "ed25519");
+    keygen(dir.path(), "host_key", "rsa");
+    let config = config_in(dir.path());
+    let out = benchgate(&["check-config", "--config", &config]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        report.contains("# WARNING: host key") && report.contains("RUSTSEC-2023-0071"),
+        "{report}"
+    );
+    // The daemon says so at every start, in a log that is a file: plain text, no escapes.
+    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_benchgate"))
+        .args(["serve", "--config", &config])
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+        if text.contains("benchgate ready") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(text.contains("ERROR") && text.contains("is RSA"), "{text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "escape codes in the log file: {text:?}"
+    );
+}
+
+#[test]
 fn world_readable_host_key_refuses_start() {
     let dir = tempfile::tempdir().unwrap();
     keygen(dir.path(), "ca", "ed25519");
@@ -200,6 +237,116 @@ async fn issued_certificate_authenticates_and_prints_paste_commands() {
         (accepted["key_id"].as_str(), accepted["serial"].as_u64()),
         (Some("alice@example"), Some(4242))
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn issue_prints_ssh_config_that_signs_once_with_an_agent_and_works_with_a_file() {
+    let (bastion, bench, _) = support::bench_and_bastion(&[], &["-V", "-5m:+6h"], |_, _| {}).await;
+    let dir = bastion.dir.path();
+    let key = keygen(dir, "carol", "ed25519");
+    let out = benchgate(&[
+        "issue",
+        "--ca",
+        bastion.path("ca").to_str().unwrap(),
+        "--principal",
+        &bench.bench,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &bastion.addr.port().to_string(),
+        &format!("{}.pub", key.display()),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed = String::from_utf8(out.stdout).unwrap();
+    // The two blocks, with ~/.ssh/ pointed at the test's directory.
+    let blocks: Vec<String> = printed
+        .split("\n# ~/.ssh/config, ")
+        .skip(1)
+        .map(|b| {
+            let block: String = b
+                .lines()
+                .skip_while(|l| !l.starts_with("Host "))
+                .take_while(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join("\n");
+            block.replace("~/.ssh/", &format!("{}/", dir.display()))
+        })
+        .collect();
+    assert_eq!(blocks.len(), 2, "{printed}");
+    assert!(
+        blocks[0].contains("PubkeyAcceptedAlgorithms ssh-ed25519-cert-v01@openssh.com"),
+        "{}",
+        blocks[0]
+    );
+    let connect = |block: &str, agent: Option<&Path>| {
+        let config = dir.join("ssh_config");
+        std::fs::write(&config, format!("{block}\n")).unwrap();
+        let mut cmd = Command::new("ssh");
+        cmd.arg("-F").arg(&config).args([
+            "-v",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+        ]);
+        cmd.arg("-o").arg(format!(
+            "UserKnownHostsFile={}",
+            bastion.path("known_hosts").display()
+        ));
+        match agent {
+            Some(socket) => cmd.env("SSH_AUTH_SOCK", socket),
+            None => cmd
+                .env_remove("SSH_AUTH_SOCK")
+                .args(["-o", "IdentityAgent=none"]),
+        };
+        cmd.args(["127.0.0.1", "echo in"]).output().unwrap()
+    };
+    // In an agent: the certificate alone is offered, so the login signs once.
+    let socket = dir.join("agent.sock");
+    let mut agent = Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&socket)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if socket.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let added = Command::new("ssh-add")
+        .arg(&key)
+        .env("SSH_AUTH_SOCK", &socket)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&added.stderr).contains("Certificate added"),
+        "{added:?}"
+    );
+    let out = connect(&blocks[0], Some(&socket));
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let said = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    let offers: Vec<&str> = said
+        .lines()
+        .filter(|l| l.contains("Offering public key"))
+        .collect();
+    assert_eq!(offers.len(), 1, "{offers:?}");
+    assert!(offers[0].contains("CERT"), "{offers:?}");
+    let events = bastion.audit_after_closed(1).await;
+    assert!(
+        !events.iter().any(|e| e["reason"] == "not_certificate"),
+        "{events:#?}"
+    );
+    // A key in a file, no agent: the other block logs in.
+    let out = connect(&blocks[1], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // The agent block without an agent does not: that is why there are two.
+    let out = connect(&blocks[0], None);
+    assert_ne!(out.status.code(), Some(0), "{}", stderr(&out));
 }
 
 #[test]

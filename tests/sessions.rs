@@ -813,6 +813,56 @@ async fn group_principals_need_the_prefix_when_one_is_set() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_200_kib_key_id_logs_in_and_reaches_the_session_escaped_and_cut() {
+    use russh::keys::ssh_key::{PrivateKey, PublicKey};
+    let (bastion, bench, _) = setup(&[], &[]).await;
+    // ssh-keygen cannot take it: one argument is at most 128 KiB, like one variable.
+    let key_id = format!(
+        "{}\u{1b}[31m{}",
+        "k".repeat(100 * 1024),
+        "d".repeat(100 * 1024)
+    );
+    let user = support::keygen(bastion.dir.path(), "long", "ed25519");
+    let ca = PrivateKey::read_openssh_file(&bastion.path("ca")).unwrap();
+    let subject = PublicKey::read_openssh_file(&user.with_extension("pub")).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let request = benchgate::auth::issue::Request {
+        principal: &bench.bench,
+        validity: Duration::from_secs(3600),
+        identity: &key_id,
+        serial: 5,
+        now,
+    };
+    let cert = benchgate::auth::issue::sign(&ca, &subject, &request).unwrap();
+    std::fs::write(
+        format!("{}-cert.pub", user.display()),
+        cert.to_openssh().unwrap(),
+    )
+    .unwrap();
+    let run = bastion
+        .exec(
+            &bench.bench,
+            &user,
+            &[],
+            "printf '%s' \"$BENCHGATE_KEY_ID\"",
+            b"",
+        )
+        .await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let seen = run.stdout_text();
+    assert_eq!(seen, format!("{}…", "k".repeat(256)));
+    let accepted = bastion
+        .audit()
+        .into_iter()
+        .find(|e| e["event"] == "auth.accepted" && e["serial"] == 5)
+        .unwrap();
+    assert!(accepted["key_id"].as_str().unwrap().len() < 1024);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn container_names_and_id_prefixes_are_not_benches() {
     let (bastion, bench, _) = setup(&[], &[]).await;
     let id = container_id(&bench);

@@ -135,6 +135,14 @@ impl Lab {
         let key = Arc::new(russh::keys::load_secret_key(path("user"), None).unwrap());
         let cert = Certificate::read_file(&path("user-cert.pub")).unwrap();
 
+        // A run that was killed leaves its container, which would make the bench ambiguous.
+        let stale = run(
+            "docker",
+            &["ps", "-aq", "--filter", "label=benchgate.load-harness=1"],
+        );
+        for id in stale.split_whitespace() {
+            run("docker", &["rm", "-f", id]);
+        }
         let container = run(
             "docker",
             &[

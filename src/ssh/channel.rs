@@ -508,7 +508,12 @@ fn plan(app: &App, request: &Request, bench: &Bench) -> Plan {
     if let (Some(_), Some(original)) = (&request.grant.force_command, &request.command) {
         env.push(format!("SSH_ORIGINAL_COMMAND={original}"));
     }
-    env.push(format!("BENCHGATE_KEY_ID={}", request.grant.key_id));
+    // Escaped and cut: the key ID is the CA's text, and one variable over 128 KiB fails
+    // every exec with E2BIG.
+    env.push(format!(
+        "BENCHGATE_KEY_ID={}",
+        auth::bounded(&request.grant.key_id)
+    ));
     env.push(format!("BENCHGATE_SERIAL={}", request.grant.serial));
     env.push(format!("BENCHGATE_BENCH={}", request.grant.bench));
     Plan {

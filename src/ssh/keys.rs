@@ -48,14 +48,33 @@ pub enum Missing {
     Report,
 }
 
+/// What [`load`] found.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The keys, in configuration order.
+    pub keys: Vec<PrivateKey>,
+    /// Paths that are missing (with [`Missing::Report`]).
+    pub missing: Vec<PathBuf>,
+    /// One warning per RSA key (see [`rsa_warning`]).
+    pub warnings: Vec<String>,
+}
+
+/// Why an RSA host key is a risk: russh signs with the `rsa` crate, whose private-key
+/// operations are not constant-time (RUSTSEC-2023-0071, the Marvin attack), so someone who
+/// can time many handshakes may learn the key. Loud, not fatal: clients pin host keys, and a
+/// bastion that stops starting on upgrade is worse; the README says how to move to ed25519.
+pub fn rsa_warning(path: &Path) -> String {
+    format!(
+        "host key {} is RSA: its signatures are not constant-time (RUSTSEC-2023-0071, Marvin) and may leak it to a patient attacker; replace it with an ed25519 key (ssh-keygen -t ed25519) and tell clients the new fingerprint",
+        path.display()
+    )
+}
+
 /// Loads every host key; missing ones are created or reported as `missing` says.
-/// Returns the loaded keys and the paths that are missing.
-pub fn load(
-    paths: &[PathBuf],
-    missing: Missing,
-) -> Result<(Vec<PrivateKey>, Vec<PathBuf>), HostKeyError> {
+pub fn load(paths: &[PathBuf], missing: Missing) -> Result<Loaded, HostKeyError> {
     let mut keys = Vec::new();
     let mut absent = Vec::new();
+    let mut warnings = Vec::new();
     for path in paths {
         match std::fs::metadata(path) {
             Ok(meta) => {
@@ -66,7 +85,11 @@ pub fn load(
                         mode,
                     });
                 }
-                keys.push(read(path)?);
+                let key = read(path)?;
+                if matches!(key.algorithm(), Algorithm::Rsa { .. }) {
+                    warnings.push(rsa_warning(path));
+                }
+                keys.push(key);
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => match missing {
                 Missing::Create => keys.push(create(path)?),
@@ -80,7 +103,11 @@ pub fn load(
             }
         }
     }
-    Ok((keys, absent))
+    Ok(Loaded {
+        keys,
+        missing: absent,
+        warnings,
+    })
 }
 
 fn read(path: &Path) -> Result<PrivateKey, HostKeyError> {
