@@ -278,7 +278,7 @@ async fn bench_facts(config: &Config, bench: &str) -> anyhow::Result<BenchFacts>
             }
         },
         docker::Lookup::Ambiguous(list) => format!(
-            "AMBIGUOUS: {} running containers carry its label; every session is refused",
+            "AMBIGUOUS: {} live containers carry its label; every session is refused",
             list.len()
         ),
         docker::Lookup::NotRunning(b) => format!("not running (status: {})", b.state),

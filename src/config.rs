@@ -515,6 +515,19 @@ impl Config {
                 "server.proxy_protocol: list the load balancers' addresses in server.trusted_proxies",
             ));
         }
+        let prefix = &config.docker.group_principal_prefix;
+        if !prefix.is_empty()
+            && prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            return Err(Error::at(
+                path,
+                text,
+                "group_principal_prefix",
+                format!("docker.group_principal_prefix {prefix:?}: it must contain a character bench names cannot have (such as ':'), so that no bench name is ever read as a group"),
+            ));
+        }
         for endpoint in &config.docker.endpoints.0 {
             let tls = [&endpoint.tls_ca, &endpoint.tls_cert, &endpoint.tls_key];
             let set = tls.iter().filter(|t| t.0.is_some()).count();
@@ -564,6 +577,14 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, Error> {
         Config::parse(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn a_group_prefix_must_set_groups_apart_from_bench_names() {
+        let error = parse("[docker]\ngroup_principal_prefix = \"team-\"\n").unwrap_err();
+        assert_eq!(error.line, Some(2), "{error}");
+        let config = parse("[docker]\ngroup_principal_prefix = \"group:\"\n").unwrap();
+        assert_eq!(config.docker.group_principal_prefix, "group:");
     }
 
     #[test]

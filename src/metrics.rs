@@ -199,8 +199,9 @@ pub async fn serve(
             return;
         };
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            biased;
             () = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
         };
         let Ok((stream, _)) = accepted else {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -255,7 +256,7 @@ async fn answer(
         stream.write_all(response.as_bytes()).await?;
         stream.shutdown().await
     };
-    Ok(tokio::time::timeout(WRITE_TIMEOUT, write).await??)
+    tokio::time::timeout(WRITE_TIMEOUT, write).await?
 }
 
 fn describe() {

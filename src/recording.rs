@@ -150,6 +150,8 @@ impl Recorder {
             self.file = None;
             self.failed(&e);
         } else if self.written > MAX_RECORDING_BYTES {
+            // Nothing more is recorded, a cut sequence included.
+            self.carry.clear();
             self.finish();
             self.failed(&std::io::Error::other("size limit reached"));
         }

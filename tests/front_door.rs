@@ -266,3 +266,45 @@ async fn host_cert_offered_as_user_cert_is_rejected() {
         .collect();
     assert_eq!(reasons, ["not_user_certificate"], "{events:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_cheap_key_exchange_methods_are_offered() {
+    let bastion = bastion().await;
+    let key = bastion.user_with_cert("user", "ca", &["-n", BENCH, "-V", SIX_HOURS]);
+    // Finite-field groups above 14 and group exchange cost 100 ms to 1 s of CPU each (DHEat).
+    for method in [
+        "diffie-hellman-group18-sha512",
+        "diffie-hellman-group16-sha512",
+        "diffie-hellman-group-exchange-sha256",
+        "diffie-hellman-group14-sha256",
+        "diffie-hellman-group14-sha1",
+        "diffie-hellman-group1-sha1",
+    ] {
+        let kex = format!("KexAlgorithms={method}");
+        let result = bastion.ssh(BENCH, &key, &["-o", &kex]).await;
+        assert!(
+            result
+                .stderr
+                .contains("no matching key exchange method found"),
+            "{method}: {result:?}"
+        );
+    }
+    for method in [
+        "curve25519-sha256",
+        "curve25519-sha256@libssh.org",
+        "ecdh-sha2-nistp256",
+        "ecdh-sha2-nistp384",
+        "ecdh-sha2-nistp521",
+    ] {
+        let kex = format!("KexAlgorithms={method}");
+        let result = bastion.ssh(BENCH, &key, &["-o", &kex]).await;
+        assert!(
+            !result.stderr.contains("no matching key exchange method"),
+            "{method}: {result:?}"
+        );
+        assert!(
+            !result.stderr.contains("Permission denied"),
+            "{method}: {result:?}"
+        );
+    }
+}

@@ -745,10 +745,28 @@ async fn a_bench_on_two_running_containers_is_refused_until_one_is_gone() {
         assert!(refused.contains(&id), "{id} not named: {refused}");
     }
     // The index reported it before anyone logged in.
-    assert!(log.contains("running containers carry its label"), "{log}");
+    let reported = log
+        .find(&format!(
+            "bench {:?} is ambiguous: 2 live containers carry its label (",
+            first.bench
+        ))
+        .unwrap_or_else(|| panic!("the index did not report it: {log}"));
+    assert!(reported < log.find("session refused").unwrap(), "{log}");
     let (code, said) = explain(&bastion, &first.bench, &key);
     assert_ne!(code, 0, "{said}");
-    assert!(said.contains("AMBIGUOUS: 2 running containers"), "{said}");
+    assert!(said.contains("AMBIGUOUS: 2 live containers"), "{said}");
+    // A paused second container still makes it ambiguous: it would run again.
+    support::run("docker", &["pause", &second.name]);
+    for _ in 0..100 {
+        let attempt = bastion
+            .exec(&first.bench, &key, &[], "echo reached", b"")
+            .await;
+        assert!(attempt.stdout.is_empty(), "{attempt:?}");
+        if attempt.stderr.contains("is ambiguous") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // With the second container gone, the bench is one container again.
     drop(second);
     for _ in 0..100 {
@@ -780,7 +798,7 @@ async fn a_group_label_that_names_a_bench_is_not_honoured() {
     let log = bastion.log();
     assert!(
         log.lines().any(|l| l.contains(&container_id(&grouped))
-            && l.contains("which names a bench; the group is not honoured")),
+            && l.contains("names a bench; the group is not honoured")),
         "{log}"
     );
     let (code, said) = explain(&bastion, &grouped.bench, &key);
@@ -823,8 +841,8 @@ async fn a_200_kib_key_id_logs_in_and_reaches_the_session_escaped_and_cut() {
         "d".repeat(100 * 1024)
     );
     let user = support::keygen(bastion.dir.path(), "long", "ed25519");
-    let ca = PrivateKey::read_openssh_file(&bastion.path("ca")).unwrap();
-    let subject = PublicKey::read_openssh_file(&user.with_extension("pub")).unwrap();
+    let ca = PrivateKey::read_openssh_file(bastion.path("ca")).unwrap();
+    let subject = PublicKey::read_openssh_file(user.with_extension("pub")).unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -49,7 +49,8 @@ fuzz_target!(|data: &[u8]| {
     recorder.finish();
     let cast = String::from_utf8(out.0.lock().expect("lock").clone()).expect("UTF-8 file");
     let mut lines = cast.lines();
-    let header: serde_json::Value = serde_json::from_str(lines.next().expect("header")).expect("JSON");
+    let header: serde_json::Value =
+        serde_json::from_str(lines.next().expect("header")).expect("JSON");
     assert_eq!(header["version"], 2);
     let mut text = String::new();
     for line in lines {

@@ -32,21 +32,38 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let peer = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
-    for principal in cert.valid_principals().iter().take(2) {
+    let first = cert.valid_principals().first().cloned().unwrap_or_default();
+    for bench in [first.as_str(), "not-a-principal"] {
         for now in [cert.valid_after(), cert.valid_before().saturating_sub(1)] {
             let attempt = Attempt {
-                bench: principal,
+                bench,
                 group: Some("team"),
                 peer,
                 now,
             };
             let verdict = verify(&cert, &attempt, &TRUST);
-            let reasons = rejections(&cert, &attempt, &TRUST);
-            assert_eq!(verdict.is_ok(), reasons.is_empty());
-            if let Ok(grant) = verdict {
-                assert_eq!(grant.serial, cert.serial());
-                assert!(still_valid(&cert, &TRUST).is_ok());
-            }
+            assert_eq!(
+                verdict.is_ok(),
+                rejections(&cert, &attempt, &TRUST).is_empty()
+            );
+            let Ok(grant) = verdict else {
+                continue;
+            };
+            // What an accepted certificate must be, checked again independently.
+            assert!(cert.cert_type().is_user());
+            assert!(TRUST.ca(cert.signature_key()).is_some());
+            assert!(cert.verify_signature().is_ok());
+            assert!(cert.valid_after() <= now && now < cert.valid_before());
+            assert!(cert
+                .valid_principals()
+                .iter()
+                .any(|p| p == bench || p == "team"));
+            assert_eq!(grant.bench, bench);
+            assert_eq!(
+                grant.via_group.is_some(),
+                !cert.valid_principals().iter().any(|p| p == bench)
+            );
+            assert!(still_valid(&cert, &TRUST).is_ok());
         }
     }
     if let Some(list) = cert.critical_options().get(SOURCE_ADDRESS) {

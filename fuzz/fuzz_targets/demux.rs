@@ -8,7 +8,9 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let result = demux(data, &mut out, &mut err).now_or_never().expect("ready");
+    let result = demux(data, &mut out, &mut err)
+        .now_or_never()
+        .expect("ready");
     // A plain model of the format: 8-byte headers (stream, 0, 0, 0, big-endian length).
     let (mut want_out, mut want_err, mut rest) = (Vec::new(), Vec::new(), data);
     let complete = loop {
@@ -19,7 +21,11 @@ fuzz_target!(|data: &[u8]| {
             break false;
         }
         let len = u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]) as usize;
-        let to = if rest[0] == 2 { &mut want_err } else { &mut want_out };
+        let to = if rest[0] == 2 {
+            &mut want_err
+        } else {
+            &mut want_out
+        };
         let payload = &rest[8..];
         to.extend_from_slice(&payload[..len.min(payload.len())]);
         if payload.len() < len {

@@ -15,6 +15,6 @@ static CERT: LazyLock<Certificate> = LazyLock::new(|| {
 fuzz_target!(|data: &[u8]| {
     if let Ok(list) = Revocations::parse(data) {
         let _ = list.check(&CERT);
-        assert_eq!(list.is_empty(), list.len() == 0);
+        let _ = list.len();
     }
 });

@@ -41,12 +41,13 @@ pub struct Bench {
 /// What the index says about a bench name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
-    /// Exactly one running container across every endpoint.
+    /// Exactly one live container across every endpoint, and it runs.
     Running(Bench),
-    /// Two or more running containers carry the name: refused, never guessed, since whoever
+    /// Two or more live (running, paused or restarting) containers carry the name: refused, never guessed, since whoever
     /// can start a container with a bench's label would otherwise capture its sessions.
     Ambiguous(Vec<Bench>),
-    /// Known, but not running; the state says why.
+    /// Known, but its one live container is paused or restarting, or none is live; the state
+    /// says why.
     NotRunning(Bench),
     /// No container carries that label value.
     Unknown,
@@ -106,7 +107,7 @@ impl std::fmt::Display for Changes {
 /// Label conflicts, one readable line each (naming containers and engines).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Conflicts {
-    /// Bench names that two or more running containers carry: their sessions are refused.
+    /// Bench names that two or more live containers carry: their sessions are refused.
     pub ambiguous: Vec<String>,
     /// Group labels whose value is also a bench's name: not honoured.
     pub ignored_groups: Vec<String>,
@@ -115,6 +116,14 @@ pub struct Conflicts {
 /// Endpoints for a reload, made before anything changes (making one can fail).
 pub struct Plan {
     new: Vec<(config::Endpoint, Option<Arc<Endpoint>>)>,
+}
+
+/// Whether a container in Docker's `state` is or will soon be running again (paused, or
+/// restarting after a crash): two such containers with one bench name make it ambiguous, so
+/// a second container cannot take over sessions while the real one is paused or restarting.
+/// Exited and created ones do not count (a redeploy leaves the old one exited).
+fn is_live(state: &str) -> bool {
+    matches!(state, "running" | "paused" | "restarting")
 }
 
 /// The 12-character short form of a container ID, as `docker ps` shows it.
@@ -240,29 +249,27 @@ impl Index {
             .filter_map(|by_name| by_name.get(name))
             .flatten()
             .collect();
-        let mut running: Vec<Bench> = all
+        let mut live: Vec<Bench> = all
             .iter()
-            .filter(|b| b.state == "running")
+            .filter(|b| is_live(&b.state))
             .map(|b| (*b).clone())
             .collect();
-        match running.len() {
+        match live.len() {
             0 => all
                 .first()
                 .map_or(Lookup::Unknown, |b| Lookup::NotRunning((*b).clone())),
-            1 => Lookup::Running(running.remove(0)),
-            _ => Lookup::Ambiguous(running),
+            1 if live[0].state == "running" => Lookup::Running(live.remove(0)),
+            1 => Lookup::NotRunning(live.remove(0)),
+            _ => Lookup::Ambiguous(live),
         }
     }
 
     /// The principal that grants `bench` through its group label: the configured prefix and
-    /// the label's value. None without a group label, and none when the value is also a
+    /// the label's value. None without a group label, and none when that principal is also a
     /// bench's name: a certificate for bench X must not open every bench grouped as X.
     pub fn group_principal(&self, bench: &Bench) -> Option<String> {
-        let group = bench.group.as_deref()?;
-        if self.names_bench(group) {
-            return None;
-        }
-        Some(format!("{}{group}", self.group_prefix))
+        let principal = format!("{}{}", self.group_prefix, bench.group.as_deref()?);
+        (!self.names_bench(&principal)).then_some(principal)
     }
 
     /// The group principal of bench `name`'s one running container (see
@@ -282,36 +289,44 @@ impl Index {
 
     /// Every label conflict in the index, one line each.
     pub fn conflicts(&self) -> Conflicts {
-        let benches = lock_read(&self.benches);
-        let slots = lock_read(&self.slots);
+        // Slots before benches, the order every writer takes them in.
+        let urls: Vec<Option<String>> = lock_read(&self.slots)
+            .iter()
+            .map(|slot| slot.as_ref().map(|s| s.endpoint.url.clone()))
+            .collect();
         let url = |b: &Bench| {
-            slots
-                .get(b.endpoint)
-                .and_then(Option::as_ref)
-                .map_or_else(|| "a removed engine".to_owned(), |s| s.endpoint.url.clone())
+            urls.get(b.endpoint)
+                .cloned()
+                .flatten()
+                .unwrap_or_else(|| "a removed engine".to_owned())
         };
+        let benches = lock_read(&self.benches);
         let mut by_name: HashMap<&str, Vec<&Bench>> = HashMap::new();
         for (name, list) in benches.iter().flatten() {
             by_name.entry(name).or_default().extend(list);
         }
         let mut out = Conflicts::default();
         for (name, list) in &by_name {
-            let running: Vec<&&Bench> = list.iter().filter(|b| b.state == "running").collect();
+            let running: Vec<&&Bench> = list.iter().filter(|b| is_live(&b.state)).collect();
             if running.len() > 1 {
                 let where_: Vec<String> = running
                     .iter()
                     .map(|b| format!("{} on {}", short(&b.container), url(b)))
                     .collect();
                 out.ambiguous.push(format!(
-                    "bench {name:?} is ambiguous: {} running containers carry its label ({}); its sessions are refused",
+                    "bench {name:?} is ambiguous: {} live containers carry its label ({}); its sessions are refused",
                     running.len(),
                     where_.join(", ")
                 ));
             }
             for bench in list {
-                if let Some(group) = bench.group.as_deref().filter(|g| by_name.contains_key(g)) {
+                let Some(group) = bench.group.as_deref() else {
+                    continue;
+                };
+                let principal = format!("{}{group}", self.group_prefix);
+                if by_name.contains_key(principal.as_str()) {
                     out.ignored_groups.push(format!(
-                        "bench {name:?}: container {} on {} has group label {group:?}, which names a bench; the group is not honoured",
+                        "bench {name:?}: container {} on {} has group label {group:?}, whose principal {principal:?} names a bench; the group is not honoured",
                         short(&bench.container),
                         url(bench)
                     ));

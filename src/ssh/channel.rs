@@ -191,7 +191,7 @@ async fn session(
                 .collect();
             tracing::error!(
                 peer = %request.peer, bench = %bench_name, containers = %list.join(", "),
-                "session refused: bench is ambiguous, two or more running containers carry its label"
+                "session refused: bench is ambiguous, two or more live containers carry its label"
             );
             metrics::session_ended(request.kind(), "ambiguous", Duration::ZERO, 0, 0);
             let message = format!(

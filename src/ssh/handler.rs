@@ -3,8 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use russh::keys::ssh_key::public::KeyData;
@@ -49,8 +48,19 @@ pub struct Handler {
     span: tracing::Span,
     /// This connection's place among its certificate key's connections.
     key_place: Option<Place<KeyData>>,
-    /// Requests refused so far, and those of them that count towards [`MAX_REFUSALS`].
-    refusals: [AtomicU32; 2],
+    /// Requests refused so far.
+    refusals: Mutex<Refusals>,
+}
+
+/// What a connection was refused, for the audit trail.
+#[derive(Debug, Default)]
+struct Refusals {
+    /// Variables outside `env_allow` (part of a session's set-up, not counted to the close).
+    env: u32,
+    /// Everything else.
+    other: u32,
+    /// Whether one event already counted them all.
+    summarized: bool,
 }
 
 /// Refused requests of one connection that are audited and logged one by one.
@@ -60,6 +70,25 @@ const AUDITED_REFUSALS: u32 = 10;
 /// refused port forward). Variables not allowed (`SendEnv LC_*` may send dozens) do not
 /// count: they are part of a session's set-up.
 const MAX_REFUSALS: u32 = 100;
+
+impl Drop for Handler {
+    /// The connection is over: refusals past those audited one by one are counted in one
+    /// event, unless the close at [`MAX_REFUSALS`] already did.
+    fn drop(&mut self) {
+        let refusals = self.refusals.get_mut().unwrap_or_else(|p| p.into_inner());
+        if !refusals.summarized
+            && (refusals.env > AUDITED_REFUSALS || refusals.other > AUDITED_REFUSALS)
+        {
+            let total = refusals.env + refusals.other;
+            self.app.audit.record(
+                &self
+                    .refused_event("many")
+                    .count(total)
+                    .reason("more refused requests than were audited one by one"),
+            );
+        }
+    }
+}
 
 /// A session channel between its opening and its `shell` or `exec` request.
 struct Opened {
@@ -97,7 +126,7 @@ impl Handler {
             flow,
             span: tracing::Span::current(),
             channel_permits: Arc::new(Semaphore::new(max_channels)),
-            refusals: Default::default(),
+            refusals: Mutex::default(),
             key_place: None,
         }
     }
@@ -117,6 +146,8 @@ impl Handler {
     ) -> Result<(), russh::Error> {
         let (Some(pending), Some(grant)) = (self.pending.remove(&channel), self.grant.clone())
         else {
+            // A second shell/exec on a channel, or one that is not a session channel.
+            self.refuse_request(Refused::Session);
             session.channel_failure(channel)?;
             return Ok(());
         };
@@ -170,16 +201,43 @@ impl Handler {
         Ok(())
     }
 
-    /// Counts, logs and audits a refusal: the first [`AUDITED_REFUSALS`] one by one, then
-    /// one event for all of them when the connection is closed at [`MAX_REFUSALS`].
+    /// Counts, logs and audits a refusal: the first [`AUDITED_REFUSALS`] of each kind (not
+    /// allowed variables, everything else) one by one; at [`MAX_REFUSALS`] of everything else
+    /// the connection is closed with one event that counts them all, and a connection that
+    /// ends with more refused than were audited gets that event at its end (see `Drop`).
     fn refuse_request(&self, request: Refused) {
         metrics::refused(request);
-        let count = self.refusals[0].fetch_add(1, Ordering::Relaxed) + 1;
-        let counted = match request {
-            Refused::Env => self.refusals[1].load(Ordering::Relaxed),
-            _ => self.refusals[1].fetch_add(1, Ordering::Relaxed) + 1,
+        let mut refusals = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        let count = if request == Refused::Env {
+            refusals.env += 1;
+            refusals.env
+        } else {
+            refusals.other += 1;
+            refusals.other
         };
-        let mut event = Event::new(Kind::RequestRefused, self.peer).request(request.label());
+        if count <= AUDITED_REFUSALS {
+            tracing::info!(peer = %self.peer, request = request.label(), "request refused");
+            self.app.audit.record(&self.refused_event(request.label()));
+        }
+        if request != Refused::Env && count == MAX_REFUSALS {
+            tracing::warn!(
+                peer = %self.peer, refused = refusals.env + refusals.other,
+                "the client keeps asking for refused requests; closing the connection"
+            );
+            self.app.audit.record(
+                &self
+                    .refused_event(request.label())
+                    .count(refusals.env + refusals.other)
+                    .reason("too many refused requests; closing the connection"),
+            );
+            refusals.summarized = true;
+            self.link.request_end(Ended::TooManyRefusals);
+        }
+    }
+
+    /// A `request.refused` event for `request` on this connection.
+    fn refused_event(&self, request: &str) -> Event {
+        let mut event = Event::new(Kind::RequestRefused, self.peer).request(request);
         if let Some(grant) = &self.grant {
             event = event.bench(&grant.bench).certificate(
                 &grant.key_id,
@@ -187,22 +245,7 @@ impl Handler {
                 grant.ca.clone(),
             );
         }
-        if count <= AUDITED_REFUSALS {
-            tracing::info!(peer = %self.peer, request = request.label(), "request refused");
-            self.app.audit.record(&event);
-        }
-        if counted == MAX_REFUSALS && request != Refused::Env {
-            tracing::warn!(
-                peer = %self.peer, refused = count,
-                "the client keeps asking for refused requests; closing the connection"
-            );
-            self.app.audit.record(
-                &event
-                    .count(count)
-                    .reason("too many refused requests; closing the connection"),
-            );
-            self.link.request_end(Ended::TooManyRefusals);
-        }
+        event
     }
 
     async fn refuse_channel(&self, request: Refused, reply: ChannelOpenHandle, message: &str) {
@@ -608,6 +651,27 @@ impl russh::server::Handler for Handler {
     ) -> Result<bool, Self::Error> {
         let _span = self.span.clone().entered();
         self.refuse_request(Refused::TcpipForward);
+        Ok(false)
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        _address: &str,
+        _port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let _span = self.span.clone().entered();
+        self.refuse_request(Refused::TcpipForward);
+        Ok(false)
+    }
+
+    async fn cancel_streamlocal_forward(
+        &mut self,
+        _socket_path: &str,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let _span = self.span.clone().entered();
+        self.refuse_request(Refused::StreamlocalForward);
         Ok(false)
     }
 

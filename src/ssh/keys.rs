@@ -174,10 +174,14 @@ mod tests {
     fn missing_key_is_created_private_and_reloads() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("sub/host_key");
-        let (created, _) = load(std::slice::from_ref(&path), Missing::Create).expect("create");
+        let created = load(std::slice::from_ref(&path), Missing::Create)
+            .expect("create")
+            .keys;
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let (again, _) = load(std::slice::from_ref(&path), Missing::Create).expect("reload");
+        let again = load(std::slice::from_ref(&path), Missing::Create)
+            .expect("reload")
+            .keys;
         assert_eq!(created[0].public_key(), again[0].public_key());
     }
 
@@ -185,9 +189,9 @@ mod tests {
     fn missing_key_is_reported_when_not_creating() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("host_key");
-        let (keys, absent) = load(std::slice::from_ref(&path), Missing::Report).expect("report");
-        assert!(keys.is_empty());
-        assert_eq!(absent, std::slice::from_ref(&path));
+        let loaded = load(std::slice::from_ref(&path), Missing::Report).expect("report");
+        assert!(loaded.keys.is_empty() && loaded.warnings.is_empty());
+        assert_eq!(loaded.missing, std::slice::from_ref(&path));
         assert!(!path.exists());
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use russh::keys::ssh_key::Algorithm;
 use russh::server::Config as SshConfig;
-use russh::{MethodKind, MethodSet, Preferred, SshId};
+use russh::{kex, MethodKind, MethodSet, Preferred, SshId};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -27,12 +27,28 @@ pub(super) const KEEPALIVE_MAX: u32 = 3;
 /// How long a rejected authentication attempt is answered after, at the least.
 const AUTH_REJECTION_TIME: Duration = Duration::from_millis(20);
 
+/// The key exchange methods offered: only those that cost the daemon a few milliseconds of
+/// CPU before authentication (README, "Key exchange"). Finite-field Diffie-Hellman with
+/// russh's big integers costs 100 ms to 1 s per connection for groups 16 and 18 and for
+/// group exchange, so a handful of unauthenticated sockets could hold the CPU (DHEat).
+const KEX: &[kex::Name] = &[
+    kex::MLKEM768X25519_SHA256,
+    kex::CURVE25519,
+    kex::CURVE25519_PRE_RFC_8731,
+    kex::ECDH_SHA2_NISTP256,
+    kex::ECDH_SHA2_NISTP384,
+    kex::ECDH_SHA2_NISTP521,
+    kex::EXTENSION_SUPPORT_AS_SERVER,
+    kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+];
+
 /// russh's settings for `app`: publickey only, no SHA-1 host key signatures, keepalives
 /// instead of an inactivity timeout.
 fn ssh_config(app: &App) -> SshConfig {
     let server = &app.server;
     let defaults = Preferred::default();
     let preferred = Preferred {
+        kex: KEX.into(),
         // Never advertise SHA-1 `ssh-rsa` as a host key algorithm.
         key: defaults
             .key
