@@ -26,6 +26,10 @@ pub fn init(format: LogFormat) {
             .with_writer(std::io::stderr)
             .boxed(),
     };
+    // A panic ends only its task (a connection or a session); say so in the log, with where.
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!(panic = %info, "a task panicked; its connection or session ended");
+    }));
     let _ = tracing_subscriber::registry()
         .with(output.with_filter(filter))
         .with(prechecks::layer())
