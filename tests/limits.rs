@@ -123,20 +123,14 @@ async fn connection_past_max_startups_is_closed_before_key_exchange() {
 async fn a_connection_that_keeps_asking_for_refused_things_is_closed_with_one_summary() {
     let (bastion, bench, key) =
         support::bench_and_bastion(&[], &["-V", "-5m:+6h"], |_, _| {}).await;
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/clients/asyncssh_refusals.py"
-    );
-    let mut cmd = tokio::process::Command::new("python3");
-    cmd.args([
-        script,
-        &bastion.addr.port().to_string(),
+    let out = support::python_client(
+        &bastion,
+        "asyncssh_refusals.py",
         &bench.bench,
-        key.to_str().unwrap(),
-        bastion.path("known_hosts").to_str().unwrap(),
+        &key,
         "20000",
-    ]);
-    let out = support::run_client(cmd, b"").await;
+    )
+    .await;
     assert_eq!(out.code, Some(0), "{out:?}");
     let said = out.stdout_text();
     let (refused, closed) = said.trim().split_once(' ').unwrap();

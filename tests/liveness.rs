@@ -193,17 +193,7 @@ async fn a_quarter_gigabyte_goes_through_cat_byte_exact_both_ways() {
 async fn asyncssh_gets_64_mib_through_cat_byte_exact() {
     // asyncssh hung at 10 MiB through cat when russh's channel queue filled.
     let (bastion, bench, key) = setup(|_, _| {}).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/asyncssh_cat.py");
-    let mut cmd = tokio::process::Command::new("python3");
-    cmd.args([
-        script,
-        &bastion.addr.port().to_string(),
-        &bench.bench,
-        key.to_str().unwrap(),
-        bastion.path("known_hosts").to_str().unwrap(),
-        "64",
-    ]);
-    let out = support::run_client(cmd, b"").await;
+    let out = support::python_client(&bastion, "asyncssh_cat.py", &bench.bench, &key, "64").await;
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_eq!(out.stdout_text().trim(), "67108864 True", "{out:?}");
 }

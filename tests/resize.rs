@@ -18,20 +18,8 @@ async fn twenty_thousand_window_changes_cost_the_engine_little_and_the_last_size
         .parse()
         .unwrap();
     let before = cpu_seconds(dockerd);
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/clients/asyncssh_resize.py"
-    );
-    let mut cmd = tokio::process::Command::new("python3");
-    cmd.args([
-        script,
-        &bastion.addr.port().to_string(),
-        &bench.bench,
-        key.to_str().unwrap(),
-        bastion.path("known_hosts").to_str().unwrap(),
-        "20000",
-    ]);
-    let out = support::run_client(cmd, b"").await;
+    let out =
+        support::python_client(&bastion, "asyncssh_resize.py", &bench.bench, &key, "20000").await;
     let engine = cpu_seconds(dockerd) - before;
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_eq!(out.stdout_text().trim(), "45 123", "{out:?}");

@@ -8,26 +8,13 @@ usage: asyncssh_cat.py PORT BENCH KEY KNOWN_HOSTS SIZE_MIB
 import asyncio
 import hashlib
 import sys
-import warnings
-
-warnings.filterwarnings("ignore")
-
-import asyncssh  # noqa: E402
+from connect import connect
 
 
 async def main(port: int, bench: str, key_path: str, known_hosts: str, mib: int) -> None:
-    key = asyncssh.read_private_key(key_path)
-    cert = asyncssh.read_certificate(key_path + "-cert.pub")
     block = bytes(range(256)) * 4096
     sent, received, count = hashlib.sha256(), hashlib.sha256(), 0
-    async with asyncssh.connect(
-        "127.0.0.1",
-        port,
-        username=bench,
-        client_keys=[(key, cert)],
-        known_hosts=known_hosts,
-        agent_path=None,
-    ) as conn:
+    async with await connect(port, bench, key_path, known_hosts) as conn:
         async with conn.create_process("cat", encoding=None) as proc:
 
             async def feed() -> None:

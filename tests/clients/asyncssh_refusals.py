@@ -7,24 +7,14 @@ usage: asyncssh_refusals.py PORT BENCH KEY KNOWN_HOSTS COUNT
 
 import asyncio
 import sys
-import warnings
 
-warnings.filterwarnings("ignore")
+from connect import connect  # first: it quiets asyncssh's import warnings
 
 import asyncssh  # noqa: E402
 
 
 async def main(port: int, bench: str, key_path: str, known_hosts: str, count: int) -> None:
-    key = asyncssh.read_private_key(key_path)
-    cert = asyncssh.read_certificate(key_path + "-cert.pub")
-    conn = await asyncssh.connect(
-        "127.0.0.1",
-        port,
-        username=bench,
-        client_keys=[(key, cert)],
-        known_hosts=known_hosts,
-        agent_path=None,
-    )
+    conn = await connect(port, bench, key_path, known_hosts)
     opens = [conn.create_connection(asyncssh.SSHTCPSession, "127.0.0.1", 22) for _ in range(count)]
     results = await asyncio.gather(*opens, return_exceptions=True)
     refused = sum(isinstance(r, asyncssh.ChannelOpenError) for r in results)

@@ -7,24 +7,11 @@ usage: asyncssh_resize.py PORT BENCH KEY KNOWN_HOSTS COUNT
 
 import asyncio
 import sys
-import warnings
-
-warnings.filterwarnings("ignore")
-
-import asyncssh  # noqa: E402
+from connect import connect
 
 
 async def main(port: int, bench: str, key_path: str, known_hosts: str, count: int) -> None:
-    key = asyncssh.read_private_key(key_path)
-    cert = asyncssh.read_certificate(key_path + "-cert.pub")
-    async with asyncssh.connect(
-        "127.0.0.1",
-        port,
-        username=bench,
-        client_keys=[(key, cert)],
-        known_hosts=known_hosts,
-        agent_path=None,
-    ) as conn:
+    async with await connect(port, bench, key_path, known_hosts) as conn:
         async with conn.create_process(
             "echo ready; read line; stty size", term_type="xterm", term_size=(80, 24)
         ) as proc:

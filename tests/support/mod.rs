@@ -672,3 +672,27 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     ticks as f64 / 100.0
 }
+
+/// Runs the Python client `tests/clients/SCRIPT` (asyncssh) against `bastion` as `bench` with
+/// `key`: its arguments are the port, the bench, the key, the pinned host keys, then `arg`.
+pub async fn python_client(
+    bastion: &Bastion,
+    script: &str,
+    bench: &str,
+    key: &Path,
+    arg: &str,
+) -> Run {
+    let mut cmd = tokio::process::Command::new("python3");
+    cmd.arg(format!(
+        "{}/tests/clients/{script}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .args([
+        &bastion.addr.port().to_string(),
+        bench,
+        key.to_str().unwrap(),
+    ])
+    .arg(bastion.path("known_hosts"))
+    .arg(arg);
+    run_client(cmd, b"").await
+}
