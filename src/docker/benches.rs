@@ -43,8 +43,9 @@ pub struct Bench {
 pub enum Lookup {
     /// Exactly one live container across every endpoint, and it runs.
     Running(Bench),
-    /// Two or more live (running, paused or restarting) containers carry the name: refused, never guessed, since whoever
-    /// can start a container with a bench's label would otherwise capture its sessions.
+    /// Two or more live (running, paused or restarting) containers carry the name: refused,
+    /// never guessed, since whoever can start a container with a bench's label would
+    /// otherwise capture its sessions.
     Ambiguous(Vec<Bench>),
     /// Known, but its one live container is paused or restarting, or none is live; the state
     /// says why.
@@ -109,7 +110,7 @@ impl std::fmt::Display for Changes {
 pub struct Conflicts {
     /// Bench names that two or more live containers carry: their sessions are refused.
     pub ambiguous: Vec<String>,
-    /// Group labels whose value is also a bench's name: not honoured.
+    /// Group labels whose principal is also a bench's name: not honoured.
     pub ignored_groups: Vec<String>,
 }
 
@@ -241,7 +242,7 @@ impl Index {
         changes
     }
 
-    /// The bench named `name`: its one running container across every endpoint.
+    /// The bench named `name`: its one live container across every endpoint.
     pub fn lookup(&self, name: &str) -> Lookup {
         let benches = lock_read(&self.benches);
         let all: Vec<&Bench> = benches
